@@ -1,0 +1,184 @@
+"""The model service: prepares an engine in the background and reports where it stands.
+
+The web page comes up at once; download, conversion, quantization and loading run in a
+thread and report progress here, which the UI and the health endpoint read. Nothing in
+this module is global: ``app.py`` creates one service per engine and passes it on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from legal_eagle.engines.base import Engine
+from legal_eagle.errors import EngineError, LegalEagleError
+
+log = logging.getLogger(__name__)
+
+Stage = Literal["waiting", "downloading", "converting", "quantizing", "verifying", "loading", "ready", "failed"]
+STAGE_LABELS: dict[str, str] = {
+    "waiting": "等待开始",
+    "downloading": "正在下载模型权重",
+    "converting": "正在转换模型格式",
+    "quantizing": "正在进行 4-bit AWQ 量化（首次启动需要几分钟）",
+    "verifying": "正在校验量化模型",
+    "loading": "正在加载模型到显存",
+    "ready": "模型已就绪",
+    "failed": "模型准备失败",
+}
+ProgressFn = Callable[[str, "float | None", str], None]
+Preparer = Callable[[ProgressFn], Engine]
+
+
+@dataclass(frozen=True)
+class Status:
+    """A snapshot of the service's state.
+
+    Attributes:
+        stage: one of ``STAGE_LABELS``.
+        fraction: progress of the stage in [0, 1], or None when unknown.
+        detail: extra words (file name, sizes, the failure's fix).
+        elapsed_s: seconds since preparation started (or that it took, once ready).
+        stage_elapsed_s: seconds in the current stage.
+    """
+
+    stage: str
+    fraction: float | None
+    detail: str
+    elapsed_s: float
+    stage_elapsed_s: float
+
+    @property
+    def ready(self) -> bool:
+        """True when the engine can answer."""
+        return self.stage == "ready"
+
+    def describe(self) -> str:
+        """One line in Chinese for the page and the log."""
+        label = STAGE_LABELS.get(self.stage, self.stage)
+        parts = [label]
+        if self.fraction is not None and self.stage not in ("ready", "failed"):
+            parts.append(f"{self.fraction:.0%}")
+        if self.detail:
+            parts.append(self.detail)
+        parts.append(f"已用时 {_clock(self.elapsed_s)}")
+        return " · ".join(parts)
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready form for the health endpoint."""
+        return {"stage": self.stage, "ready": self.ready, "fraction": self.fraction, "detail": self.detail,
+                "elapsed_s": round(self.elapsed_s, 1), "stage_elapsed_s": round(self.stage_elapsed_s, 1),
+                "message": self.describe()}
+
+
+class ModelService:
+    """Owns one engine and the story of how it got ready."""
+
+    def __init__(self, preparer: Preparer, name: str = "model", clock: Callable[[], float] = time.monotonic):
+        self._preparer = preparer
+        self._name = name
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._engine: Engine | None = None
+        self._stage, self._fraction, self._detail = "waiting", None, ""
+        self._started = self._stage_started = clock()
+        self._finished: float | None = None
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+
+    @classmethod
+    def ready_with(cls, engine: Engine, name: str = "model") -> ModelService:
+        """A service whose engine is already loaded (tests, and engines made elsewhere)."""
+        service = cls(lambda progress: engine, name=name)
+        service.run()
+        return service
+
+    def start(self) -> None:
+        """Prepare in a background thread (returns at once)."""
+        self._thread = threading.Thread(target=self.run, name=f"prepare-{self._name}", daemon=True)
+        self._thread.start()
+
+    def run(self) -> None:
+        """Prepare in this thread; failures end in the ``failed`` stage, never an exception."""
+        with self._lock:
+            self._started = self._stage_started = self._clock()
+        try:
+            engine = self._preparer(self.report)
+        except LegalEagleError as exc:
+            log.error("%s: preparation failed: %s", self._name, exc)
+            self._fail(exc.user_message)
+        except Exception as exc:  # the page must say so instead of dying silently
+            log.exception("%s: preparation failed", self._name)
+            self._fail(f"内部错误：{type(exc).__name__}: {exc}")
+        else:
+            with self._lock:
+                self._engine = engine
+                self._set("ready", 1.0, "")
+                self._finished = self._clock()
+            log.info("%s: ready after %.1f s", self._name, self._finished - self._started)
+        finally:
+            self._done.set()
+
+    def report(self, stage: str, fraction: float | None = None, detail: str = "") -> None:
+        """Progress callback handed to the preparer."""
+        with self._lock:
+            if stage != self._stage:
+                log.info("%s: %s", self._name, STAGE_LABELS.get(stage, stage))
+            self._set(stage, fraction, detail)
+
+    def _set(self, stage: str, fraction: float | None, detail: str) -> None:
+        if stage != self._stage:
+            self._stage_started = self._clock()
+        self._stage, self._fraction, self._detail = stage, fraction, detail
+
+    def _fail(self, message: str) -> None:
+        with self._lock:
+            self._set("failed", None, message)
+            self._finished = self._clock()
+
+    def status(self) -> Status:
+        """Where preparation stands now."""
+        with self._lock:
+            now = self._finished if self._finished is not None else self._clock()
+            return Status(self._stage, self._fraction, self._detail, now - self._started,
+                          now - self._stage_started)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until preparation ends; True when it ended (ready or failed)."""
+        return self._done.wait(timeout)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, or ``EngineError`` with a Chinese message saying why it is not there."""
+        with self._lock:
+            engine = self._engine
+        if engine is None:
+            status = self.status()
+            if status.stage == "failed":
+                raise EngineError(f"模型不可用：{status.detail}", "engine failed to prepare")
+            raise EngineError(f"模型还在准备中：{status.describe()}。请稍候再提问，您的输入会保留。",
+                              "engine not ready")
+        return engine
+
+    @property
+    def engine_or_none(self) -> Engine | None:
+        """The engine if ready, else None."""
+        with self._lock:
+            return self._engine
+
+    def close(self) -> None:
+        """Release the engine."""
+        with self._lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+
+
+def _clock(seconds: float) -> str:
+    """``m:ss`` for a duration."""
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}:{secs:02d}"

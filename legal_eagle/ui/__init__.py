@@ -1,0 +1,1 @@
+"""The Gradio user interface: one module per tab, ``build_app`` assembles them."""

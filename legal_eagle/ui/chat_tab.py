@@ -1,0 +1,212 @@
+"""The consultation tab: multi-turn chat with streaming, Stop, Regenerate, Clear and export.
+
+Handlers live in ``ChatHandlers`` (plain methods, testable without a browser); ``build_chat_tab``
+wires them to components. Each browser tab keeps its own history in a ``gr.State``: a list
+of turns ``{"role", "content", "meta"?}``, mutated in place while an answer streams so that
+a Stop (which cancels the handler) keeps the partial answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from legal_eagle.config import Settings
+from legal_eagle.conversation import build_messages, clean_question, trim_to_budget, validate_sampling
+from legal_eagle.engines.base import Message, SamplingParams
+from legal_eagle.errors import LegalEagleError
+from legal_eagle.export import export_meta, to_json, to_markdown
+from legal_eagle.prompts import Prompts
+from legal_eagle.service import ModelService
+from legal_eagle.ui.widgets import CheckedSlider
+
+log = logging.getLogger(__name__)
+_YIELD_EVERY_S = 0.05  # one UI update per 50 ms, not per token: the page cannot show more
+Turns = list[dict[str, Any]]
+Outputs = tuple[list[dict[str, str]], Turns, str, str]
+
+
+@dataclass
+class ChatHandlers:
+    """Event handlers of the chat tab, bound to one model service."""
+
+    service: ModelService
+    settings: Settings
+    prompts: Prompts
+
+    def respond(self, question: str, turns: Turns, persona: str, temperature: float, top_p: float,
+                max_new_tokens: int, repetition_penalty: float, greedy: bool) -> Iterator[Outputs]:
+        """Answer a new question, streaming; errors become a Chinese message, input kept."""
+        try:
+            text = clean_question(question, self.settings.max_input_chars)
+            params = self._params(temperature, top_p, max_new_tokens, repetition_penalty, greedy)
+            engine = self.service.engine
+        except LegalEagleError as exc:
+            raise gr.Error(exc.user_message) from None
+        yield from self._answer(text, turns, persona, params, engine)
+
+    def regenerate(self, turns: Turns, persona: str, temperature: float, top_p: float,
+                   max_new_tokens: int, repetition_penalty: float, greedy: bool) -> Iterator[Outputs]:
+        """Drop the last answer and answer its question again."""
+        last_user = next((i for i in range(len(turns) - 1, -1, -1) if turns[i]["role"] == "user"), None)
+        if last_user is None:
+            raise gr.Error("还没有可以重新生成的回答。")
+        try:
+            params = self._params(temperature, top_p, max_new_tokens, repetition_penalty, greedy)
+            engine = self.service.engine
+        except LegalEagleError as exc:
+            raise gr.Error(exc.user_message) from None
+        question = turns[last_user]["content"]
+        del turns[last_user:]
+        yield from self._answer(question, turns, persona, params, engine)
+
+    def _params(self, temperature: float, top_p: float, max_new_tokens: int, repetition_penalty: float,
+                greedy: bool) -> SamplingParams:
+        return validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 repetition_penalty=repetition_penalty, greedy=greedy,
+                                 max_new_tokens_cap=self.settings.max_new_tokens_cap)
+
+    def _answer(self, question: str, turns: Turns, persona: str, params: SamplingParams,
+                engine: Any) -> Iterator[Outputs]:
+        """Stream one answer into ``turns`` (in place) and the chatbot."""
+        history: list[Message] = [{"role": t["role"], "content": t["content"]} for t in turns]
+        try:
+            trimmed = trim_to_budget(build_messages(persona, history, question), engine.count_tokens,
+                                     engine.info.context_len - params.max_new_tokens)
+        except LegalEagleError as exc:
+            raise gr.Error(exc.user_message) from None
+        if self.settings.log_user_text:
+            log.info("question: %s", question)
+        notice = ""
+        if trimmed.dropped_turns:
+            notice = (f"对话较长，为适应模型的上下文长度，最早的 {trimmed.dropped_turns} 条消息没有发送给模型"
+                      "（界面上仍保留）。")
+            gr.Info(notice)
+        answer: dict[str, Any] = {"role": "assistant", "content": ""}
+        turns += [{"role": "user", "content": question}, answer]
+        started = time.monotonic()
+        first: float | None = None
+        tokens, reason, last_yield = 0, "abort", 0.0
+        yield self._outputs(turns, "", f"正在生成… {notice}")
+        try:
+            with closing(engine.stream(trimmed.messages, params)) as stream:
+                for chunk in stream:
+                    if chunk.text:
+                        first = first or time.monotonic()
+                        answer["content"] += chunk.text
+                    tokens = chunk.n_tokens
+                    answer["meta"] = self._meta(engine, params, tokens, chunk.finish_reason or "streaming",
+                                                trimmed.dropped_turns)
+                    if chunk.finish_reason:
+                        reason = chunk.finish_reason
+                    if time.monotonic() - last_yield >= _YIELD_EVERY_S:
+                        last_yield = time.monotonic()
+                        yield self._outputs(turns, "", f"正在生成… {tokens} tokens {notice}")
+        except LegalEagleError as exc:
+            reason = "error"
+            answer["content"] += f"\n\n⚠️ {exc.user_message}"
+            log.warning("generation failed: %s", exc)
+        except Exception as exc:  # an engine bug must not end the session
+            reason = "error"
+            answer["content"] += "\n\n⚠️ 模型生成时出现内部错误，请重试。"
+            log.exception("generation failed: %s", type(exc).__name__)
+        answer["meta"] = self._meta(engine, params, tokens, reason, trimmed.dropped_turns)
+        yield self._outputs(turns, "", self._summary(tokens, reason, started, first, notice))
+
+    def _meta(self, engine: Any, params: SamplingParams, tokens: int, reason: str, dropped: int) -> dict[str, Any]:
+        return {"model": engine.info.name, "quantization": engine.info.quantization,
+                "sampling": params.as_dict(), "tokens": tokens, "finish_reason": reason,
+                "dropped_messages": dropped}
+
+    @staticmethod
+    def _summary(tokens: int, reason: str, started: float, first: float | None, notice: str) -> str:
+        """Status line after an answer: tokens, speed, why it ended."""
+        reasons = {"stop": "回答完成", "length": "已达到最大生成长度", "abort": "已停止", "error": "生成出错"}
+        line = f"{reasons.get(reason, reason)} · {tokens} tokens"
+        if first is not None:
+            ttft = first - started
+            decode = time.monotonic() - first
+            line += f" · 首字 {ttft * 1000:.0f} ms"
+            if tokens > 1 and decode > 0:
+                line += f" · {(tokens - 1) / decode:.1f} tokens/s"
+        return f"{line} {notice}".strip()
+
+    @staticmethod
+    def _outputs(turns: Turns, box: str, status: str) -> Outputs:
+        return display(turns), turns, box, status
+
+    def clear(self) -> tuple[list[dict[str, str]], Turns, str, str]:
+        """Start a new conversation."""
+        return [], [], "", ""
+
+    def export(self, turns: Turns, persona: str) -> list[str]:
+        """Write the conversation as Markdown and JSON files for download."""
+        if not turns:
+            raise gr.Error("当前没有可导出的对话。")
+        engine = self.service.engine_or_none
+        meta = export_meta(engine.info if engine else None, persona, self.prompts.disclaimer)
+        folder = Path(tempfile.mkdtemp(prefix="legal-eagle-export-"))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        md, js = folder / f"legal-eagle-{stamp}.md", folder / f"legal-eagle-{stamp}.json"
+        md.write_text(to_markdown(turns, meta), encoding="utf-8")
+        js.write_text(to_json(turns, meta), encoding="utf-8")
+        return [str(md), str(js)]
+
+
+def display(turns: Turns) -> list[dict[str, str]]:
+    """Chatbot messages (role and text only) for our turns."""
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+def build_chat_tab(handlers: ChatHandlers) -> None:
+    """Lay out the chat tab inside the current ``gr.Blocks`` and wire its events."""
+    settings, prompts = handlers.settings, handlers.prompts
+    turns = gr.State([])
+    gr.Markdown(prompts.disclaimer, elem_id="disclaimer")
+    chatbot = gr.Chatbot(label="对话", elem_id="chatbot", height=480, buttons=["copy"],
+                         placeholder="请在下方输入您的法律问题，例如劳动纠纷、合同、婚姻家庭、交通事故等。")
+    with gr.Row():
+        question = gr.Textbox(label="您的问题", placeholder="请输入问题，按 Enter 发送，Shift+Enter 换行",
+                              lines=2, max_lines=8, scale=8, elem_id="question", autofocus=True)
+        send = gr.Button("发送", variant="primary", scale=1, elem_id="send")
+    with gr.Row():
+        stop = gr.Button("停止", variant="stop", elem_id="stop")
+        regen = gr.Button("重新生成", elem_id="regenerate")
+        clear = gr.Button("清空对话", elem_id="clear")
+        export = gr.Button("导出对话", elem_id="export")
+    status = gr.Markdown("", elem_id="chat-status")
+    files = gr.File(label="导出文件（Markdown / JSON）", file_count="multiple", interactive=False,
+                    elem_id="export-files")
+    gr.Examples([[e] for e in prompts.examples], inputs=[question], label="示例问题")
+    with gr.Accordion("高级设置", open=False):
+        persona = gr.Textbox(prompts.persona, label="系统提示（律师角色）", lines=3, elem_id="persona")
+        with gr.Row():
+            temperature = CheckedSlider(0.0, 2.0, settings.temperature, step=0.05, label="温度 temperature")
+            top_p = CheckedSlider(0.01, 1.0, settings.top_p, step=0.01, label="top_p")
+        with gr.Row():
+            max_new = CheckedSlider(16, settings.max_new_tokens_cap, settings.max_new_tokens, step=16,
+                                label="最大生成长度 (tokens)")
+            penalty = CheckedSlider(1.0, 2.0, settings.repetition_penalty, step=0.005, label="重复惩罚")
+        greedy = gr.Checkbox(False, label="贪心解码（结果可复现，忽略温度与 top_p）")
+    sampling = [persona, temperature, top_p, max_new, penalty, greedy]
+    outputs = [chatbot, turns, question, status]
+    limit = settings.concurrency_limit
+    ask = dict(fn=handlers.respond, inputs=[question, turns, *sampling], outputs=outputs,
+               concurrency_limit=limit, concurrency_id="chat", api_name="chat")
+    send_event = send.click(**ask)  # type: ignore[arg-type]
+    submit_event = question.submit(**{**ask, "api_name": False})  # type: ignore[arg-type]
+    regen_event = regen.click(handlers.regenerate, inputs=[turns, *sampling], outputs=outputs,
+                              concurrency_limit=limit, concurrency_id="chat", api_name="regenerate")
+    stop.click(None, cancels=[send_event, submit_event, regen_event], api_name=False)
+    clear.click(handlers.clear, outputs=outputs, cancels=[send_event, submit_event, regen_event],
+                api_name="clear", concurrency_limit=None)
+    export.click(handlers.export, inputs=[turns, persona], outputs=[files], api_name="export",
+                 concurrency_limit=None)

@@ -1,0 +1,28 @@
+"""Components adjusted for this app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from gradio.events import Dependency
+
+class CheckedSlider(gr.Slider):
+    """A slider whose value reaches the handler unchecked, so the handler can refuse an
+    out-of-range API value with a Chinese message (``conversation.validate_sampling``)
+    instead of Gradio's English one. The page itself still only offers the slider's range.
+    """
+
+    def get_block_name(self) -> str:
+        """Render with the ordinary slider front end."""
+        return "slider"
+
+    def preprocess(self, payload: Any) -> Any:
+        """Pass the raw value on; validation happens in the handler."""
+        return payload
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component

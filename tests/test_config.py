@@ -1,0 +1,69 @@
+"""Settings: flags over environment over defaults, ranges, --help."""
+
+from __future__ import annotations
+
+import pytest
+
+from legal_eagle import MODEL_ID
+from legal_eagle.config import OPTIONS, Settings, build_parser
+
+
+def test_defaults_are_the_real_model_in_4bit() -> None:
+    s = Settings.load([], {})
+    assert s.model_path == MODEL_ID
+    assert s.model_format == "awq" and s.backend == "auto" and s.port == 7860
+    assert s.enable_prefix_caching is True and s.log_user_text is False
+
+
+def test_flag_beats_environment_beats_default() -> None:
+    env = {"LE_SESSION_LEN": "4096", "LE_PORT": "9000", "LE_QUANT_POLICY": "8"}
+    s = Settings.load(["--port", "9100", "--model-format", "hf", "--no-enable-prefix-caching"], env)
+    assert (s.port, s.session_len, s.quant_policy, s.model_format) == (9100, 4096, 8, "hf")
+    assert s.enable_prefix_caching is False
+
+
+def test_lmdeploy_spelled_flags_exist() -> None:
+    flags = build_parser().format_help()
+    for flag in ("--model-path", "--model-format", "--cache-max-entry-count", "--quant-policy", "--session-len",
+                 "--tp", "--backend", "--max-batch-size", "--port", "--host"):
+        assert flag in flags
+
+
+def test_every_option_is_a_setting_and_documented() -> None:
+    names = set(Settings.__dataclass_fields__)
+    assert {o.name for o in OPTIONS} == names
+    help_text = build_parser().format_help()
+    for option in OPTIONS:
+        assert f"LE_{option.name.upper()}" in help_text
+
+
+def test_platform_port_and_host_variables() -> None:
+    s = Settings.load([], {"GRADIO_SERVER_PORT": "7861", "GRADIO_SERVER_NAME": "0.0.0.0"})
+    assert (s.port, s.host) == (7861, "0.0.0.0")
+    assert Settings.load([], {"PORT": "8080"}).port == 8080
+    assert Settings.load([], {"PORT": "8080", "LE_PORT": "8081"}).port == 8081
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"LE_CACHE_MAX_ENTRY_COUNT": "1.5"}, "cache_max_entry_count must be between 0.01 and 0.95"),
+    ({"LE_SESSION_LEN": "lots"}, "LE_SESSION_LEN must be a int"),
+    ({"LE_ENABLE_PREFIX_CACHING": "maybe"}, "must be true/false"),
+    ({"LE_QUANT_POLICY": "3"}, "quant_policy must be one of [0, 4, 8]"),
+    ({"LE_BACKEND": "cuda"}, "backend must be one of"),
+    ({"LE_MAX_NEW_TOKENS": "5000"}, "max_new_tokens must be between 1 and 4096"),
+])
+def test_bad_values_raise_valueerror_with_range(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Settings.load([], env)
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(AttributeError):
+        s.port = 1  # type: ignore[misc]
+
+
+def test_bad_flag_exits_with_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        Settings.load(["--quant-policy", "3"], {})
+    assert "invalid choice" in capsys.readouterr().err
