@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -168,9 +169,9 @@ def test_regenerate_and_clear_and_export(launch: Any) -> None:
     paths = sorted(str(f) for f in files)
     md = next(p for p in paths if p.endswith(".md"))
     js = next(p for p in paths if p.endswith(".json"))
-    text = open(md, encoding="utf-8").read()
+    text = Path(md).read_text(encoding="utf-8")
     assert "不构成法律意见" in text and "问题一" in text and "greedy=True" in text
-    assert '"quantization": "fake"' in open(js, encoding="utf-8").read()
+    assert '"quantization": "fake"' in Path(js).read_text(encoding="utf-8")
     chat, _, _ = client.predict(api_name="/clear")
     assert chat == []
 

@@ -11,7 +11,8 @@ from legal_eagle.chat_template import render_ids
 from legal_eagle.engines.base import Engine, Message, SamplingParams
 from legal_eagle.engines.transformers import TransformersEngine
 
-QUESTION: list[Message] = [{"role": "system", "content": "您是律师。"}, {"role": "user", "content": "公司拖欠工资怎么办？"}]
+QUESTION: list[Message] = [{"role": "system", "content": "您是律师。"},
+                           {"role": "user", "content": "公司拖欠工资怎么办？"}]
 
 
 @pytest.fixture(scope="module")

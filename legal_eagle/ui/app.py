@@ -29,11 +29,11 @@ def build_app(service: ModelService, settings: Settings, prompts: Prompts) -> gr
         The Blocks app with its queue configured; launch it with ``launch_kwargs()``.
     """
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(f"# ⚖️ {TITLE}\n基于 Legal-Eagle InternLM2-chat-7B（4-bit AWQ，LMDeploy TurboMind）的中文法律问答演示。")
+        gr.Markdown(f"# ⚖️ {TITLE}\n"
+                    "基于 Legal-Eagle InternLM2-chat-7B（4-bit AWQ，LMDeploy TurboMind）的中文法律问答演示。")
         build_status_bar(service)
-        with gr.Tabs():
-            with gr.Tab("法律咨询", id="chat"):
-                build_chat_tab(ChatHandlers(service=service, settings=settings, prompts=prompts))
+        with gr.Tabs(), gr.Tab("法律咨询", id="chat"):
+            build_chat_tab(ChatHandlers(service=service, settings=settings, prompts=prompts))
     demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=settings.max_queue_size)
     return demo
 

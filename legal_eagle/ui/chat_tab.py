@@ -184,7 +184,7 @@ def build_chat_tab(handlers: ChatHandlers) -> None:
         export = gr.Button("导出对话", elem_id="export")
     status = gr.Markdown("", elem_id="chat-status")
     files = gr.File(label="导出文件（Markdown / JSON）", file_count="multiple", interactive=False,
-                    elem_id="export-files")
+                    elem_id="export-files", height=110)
     gr.Examples([[e] for e in prompts.examples], inputs=[question], label="示例问题")
     with gr.Accordion("高级设置", open=False):
         persona = gr.Textbox(prompts.persona, label="系统提示（律师角色）", lines=3, elem_id="persona")
@@ -205,7 +205,8 @@ def build_chat_tab(handlers: ChatHandlers) -> None:
     submit_event = question.submit(**{**ask, "api_name": False})  # type: ignore[arg-type]
     regen_event = regen.click(handlers.regenerate, inputs=[turns, *sampling], outputs=outputs,
                               concurrency_limit=limit, concurrency_id="chat", api_name="regenerate")
-    stop.click(None, cancels=[send_event, submit_event, regen_event], api_name=False)
+    stop.click(lambda: "已停止：已生成的部分保留在对话中。", outputs=[status],
+               cancels=[send_event, submit_event, regen_event], api_name=False, concurrency_limit=None)
     clear.click(handlers.clear, outputs=outputs, cancels=[send_event, submit_event, regen_event],
                 api_name="clear", concurrency_limit=None)
     export.click(handlers.export, inputs=[turns, persona], outputs=[files], api_name="export",

@@ -1,0 +1,61 @@
+"""One real headless Chromium session: type a question, watch it stream, press Stop, export."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from legal_eagle.engines.fake import FakeEngine
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [pytest.mark.browser, pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (see README)")]
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+ARTIFACTS = Path(os.environ.get("LE_TEST_ARTIFACTS", "test-artifacts"))
+
+
+def test_type_stream_stop_export_in_a_real_browser(launch: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    answer = "根据《中华人民共和国劳动合同法》第三十八条，" + "您可以解除劳动合同。" * 300
+    engine = FakeEngine(script=lambda m, p: answer, delay_s=0.01)
+    client = launch(engine)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        page.goto(client.src)
+        expect(page.locator("#disclaimer")).to_contain_text("不构成法律意见")
+        page.locator("#question textarea").fill("公司拖欠工资三个月，我可以解除合同吗？")
+        page.locator("#send").click()
+        bot = page.locator("#chatbot")
+        expect(bot).to_contain_text("第三十八条", timeout=15_000)
+        first_len = len(bot.inner_text())
+        page.wait_for_timeout(400)
+        assert len(bot.inner_text()) > first_len, "the answer did not stream"
+        page.locator("#stop").click()
+        deadline = time.monotonic() + 5
+        while engine.active_generations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.active_generations() == 0 and engine.calls[0].finish_reason == "abort"
+        stopped = bot.inner_text()
+        page.wait_for_timeout(500)
+        assert bot.inner_text() == stopped, "text kept arriving after Stop"
+        assert "您可以解除劳动合同" in stopped  # the partial answer stays on screen
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
+        page.locator("#export").click()
+        link = page.locator("#export-files a").first
+        expect(link).to_be_visible(timeout=10_000)
+        with page.expect_download() as download_info:
+            page.locator("#export-files a[href$='.md']").first.click()
+        saved = tmp_path / "export.md"
+        download_info.value.save_as(saved)
+        exported = saved.read_text(encoding="utf-8")
+        assert "不构成法律意见" in exported and "公司拖欠工资三个月" in exported
+        browser.close()
