@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -76,6 +76,7 @@ def test_stop_mid_stream_frees_engine_and_keeps_partial_answer(launch: Any) -> N
     stopped_at = engine.calls[0].tokens
     time.sleep(0.2)
     assert engine.calls[0].tokens == stopped_at
+    engine.delay_s = 0.0
     ask(client, "继续")
     history = engine.calls[-1].messages
     assert history[2]["role"] == "assistant" and history[2]["content"].startswith("很长的回答")

@@ -67,3 +67,14 @@ def test_bad_flag_exits_with_usage(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         Settings.load(["--quant-policy", "3"], {})
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_readme_documents_every_setting_and_ci_runs_its_test_command() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    for option in OPTIONS:
+        assert f"`--{option.name.replace('_', '-')}" in readme and f"`LE_{option.name.upper()}`" in readme
+    command = "python3 -m pytest -q"
+    assert command in readme and command in (root / ".ci" / "run").read_text()
