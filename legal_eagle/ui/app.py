@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import gradio as gr
 
 from legal_eagle.config import Settings
 from legal_eagle.prompts import Prompts
 from legal_eagle.service import ModelService
 from legal_eagle.ui.chat_tab import ChatHandlers, build_chat_tab
+from legal_eagle.ui.health import health_routes
 from legal_eagle.ui.status_bar import build_status_bar
 
 TITLE = "Legal-Eagle 法律咨询"
@@ -38,9 +41,14 @@ def build_app(service: ModelService, settings: Settings, prompts: Prompts) -> gr
     return demo
 
 
-def launch_kwargs(settings: Settings) -> dict[str, object]:
-    """Arguments for ``demo.launch`` that follow from the settings."""
-    return {
+def launch_kwargs(settings: Settings, services: Mapping[str, ModelService] | None = None) -> dict[str, object]:
+    """Arguments for ``demo.launch`` that follow from the settings.
+
+    Args:
+        settings: the run's settings.
+        services: model services by name; when given, ``GET /healthz`` reports their state.
+    """
+    kwargs: dict[str, object] = {
         "server_name": settings.host,
         "server_port": settings.port,
         "max_threads": settings.concurrency_limit + 40,
@@ -48,3 +56,6 @@ def launch_kwargs(settings: Settings) -> dict[str, object]:
         "theme": gr.themes.Soft(),
         "show_error": True,
     }
+    if services is not None:
+        kwargs["app_kwargs"] = {"routes": health_routes(services)}
+    return kwargs
