@@ -1,0 +1,367 @@
+"""Load drivers: N simultaneous users against an engine (raw) or against the running app.
+
+Both sides send the same messages with the same sampling settings and time each request the
+same way (``Trace``: first output carrying tokens, then tokens per second after it). The app
+side launches the real ``build_app`` page on a free port with the very engine object the raw
+side uses, and each user is its own ``gradio_client.Client`` (its own session),
+either as threads of this process or, for honest timings on the GPU, in a child process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from legal_eagle.bench.report import RequestResult, summarise
+from legal_eagle.config import Settings
+from legal_eagle.conversation import build_messages
+from legal_eagle.engines.base import Engine, Message, SamplingParams
+
+log = logging.getLogger(__name__)
+
+UserFactory = Callable[[int], Callable[[int], RequestResult]]
+_TOKENS = re.compile(r"(\d+) tokens(?!/)")
+FILLER = (
+    "根据《中华人民共和国劳动合同法》第三十八条，用人单位未及时足额支付劳动报酬的，劳动者可以解除劳动合同，"
+    "并可以要求用人单位支付经济补偿。劳动者应当保留工资条、银行流水、考勤记录等证据，先与用人单位协商；"
+    "协商不成的，可以向劳动争议仲裁委员会申请仲裁，对仲裁裁决不服的，可以向人民法院提起诉讼。"
+)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def status_tokens(status: Any) -> int:
+    """Output tokens the chat tab's status line reports ('正在生成… 37 tokens' -> 37; none -> 0)."""
+    match = _TOKENS.search(str(status or ""))
+    return int(match.group(1)) if match else 0
+
+
+def run_users(
+    make_user: UserFactory, users: int, rounds: int, timeout_s: float = 600.0
+) -> list[RequestResult]:
+    """Run ``users`` users at once, each sending ``rounds`` requests back to back.
+
+    Args:
+        make_user: called once per user (in that user's thread, before the start signal) with
+            the user's index; returns ``request(round) -> RequestResult``.
+        users: simultaneous users.
+        rounds: requests per user.
+        timeout_s: give up waiting for the users after this long.
+
+    Returns:
+        Every request's result; a request that raised is recorded with its error.
+    """
+    barrier = threading.Barrier(users)
+    results: list[RequestResult] = []
+    lock = threading.Lock()
+
+    def user(index: int) -> None:
+        request: Callable[[int], RequestResult] | None = None
+        setup_error = None
+        try:
+            request = make_user(index)
+        except Exception as exc:
+            setup_error = f"setup failed: {type(exc).__name__}: {exc}"
+        try:
+            barrier.wait(timeout_s)
+        except threading.BrokenBarrierError:
+            setup_error = setup_error or "the other users never got ready"
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            try:
+                if request is None:
+                    raise RuntimeError(setup_error)
+                result = request(r)
+            except Exception as exc:
+                result = RequestResult(
+                    index, t0, time.perf_counter(), 0, None, None, f"{type(exc).__name__}: {exc}"
+                )
+            with lock:
+                results.append(result)
+
+    threads = [
+        threading.Thread(target=user, args=(i,), name=f"bench-user-{i}", daemon=True) for i in range(users)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):
+        log.warning("%d users still running after %.0f s", sum(t.is_alive() for t in threads), timeout_s)
+    return results
+
+
+@dataclass
+class Trace:
+    """Arrival times of a streamed answer's growing token count.
+
+    Time to first token is the first arrival that carries tokens. Decode speed counts from the
+    SECOND such arrival to the last: a web page's first update carries start-up latency that
+    later updates do not, which would shrink the window and inflate the rate. Both sides are
+    measured by this same rule.
+    """
+
+    t0: float = field(default_factory=time.perf_counter)
+    events: list[tuple[float, int]] = field(default_factory=list)
+
+    def record(self, n_tokens: int) -> None:
+        """Note the cumulative token count now (ignored unless it grew)."""
+        if n_tokens > (self.events[-1][1] if self.events else 0):
+            self.events.append((time.perf_counter(), n_tokens))
+
+    def result(self, user: int, error: str | None = None) -> RequestResult:
+        """The finished request's figures."""
+        end = time.perf_counter()
+        ev = self.events
+        ttft = ev[0][0] - self.t0 if ev else None
+        first = ev[1] if len(ev) >= 3 else (ev[0] if ev else None)
+        decode = None
+        if first is not None and ev[-1][0] > first[0]:
+            decode = (ev[-1][1] - first[1]) / (ev[-1][0] - first[0])
+        return RequestResult(
+            user=user,
+            start=self.t0,
+            end=end,
+            n_tokens=ev[-1][1] if ev else 0,
+            ttft_s=ttft,
+            decode_tok_s=decode,
+            error=error,
+        )
+
+
+def engine_request(
+    engine: Engine,
+    messages: Sequence[Message],
+    params: SamplingParams,
+    user: int = 0,
+) -> RequestResult:
+    """One answer straight from ``engine.stream``, timed."""
+    trace = Trace()
+    with closing(engine.stream(messages, params)) as stream:  # type: ignore[type-var]
+        for chunk in stream:
+            trace.record(chunk.n_tokens)
+    return trace.result(user)
+
+
+def app_request(
+    client: Any, question: str, persona: str, params: SamplingParams, user: int = 0
+) -> RequestResult:
+    """One answer through the app's ``/chat`` endpoint, timed from submit to each streamed update."""
+    trace = Trace()
+    job = client.submit(
+        question,
+        persona,
+        params.temperature,
+        params.top_p,
+        params.max_new_tokens,
+        params.repetition_penalty,
+        params.greedy,
+        api_name="/chat",
+    )
+    for output in job:
+        trace.record(status_tokens(output[-1] if isinstance(output, (tuple, list)) else output))
+    error = None
+    try:
+        job.result(timeout=60)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    return trace.result(user, error)
+
+
+def question_for(questions: Sequence[str], user: int, round_: int) -> str:
+    """The question a user asks in a round (the same on both sides)."""
+    return questions[(user + round_ * 7) % len(questions)]
+
+
+def raw_level(
+    engine: Engine, questions: Sequence[str], persona: str, params: SamplingParams, users: int, rounds: int
+) -> dict[str, Any]:
+    """``users`` threads calling the engine directly; the level's summary."""
+
+    def make_user(index: int) -> Callable[[int], RequestResult]:
+        def request(round_: int) -> RequestResult:
+            messages = build_messages(persona, [], question_for(questions, index, round_))
+            return engine_request(engine, messages, params, index)
+
+        return request
+
+    return summarise(run_users(make_user, users, rounds), users)
+
+
+def app_level_results(
+    url: str, questions: Sequence[str], persona: str, params: SamplingParams, users: int, rounds: int
+) -> list[RequestResult]:
+    """``users`` gradio_client clients (one session each) against the app at ``url``."""
+    from gradio_client import Client
+
+    def make_user(index: int) -> Callable[[int], RequestResult]:
+        client = Client(url, verbose=False)
+
+        def request(round_: int) -> RequestResult:
+            return app_request(client, question_for(questions, index, round_), persona, params, index)
+
+        return request
+
+    return run_users(make_user, users, rounds)
+
+
+@contextlib.contextmanager
+def running_app(engine: Engine, settings: Settings) -> Iterator[str]:
+    """The real page (``build_app``) serving ``engine`` in this process; yields its URL."""
+    from legal_eagle.prompts import load_prompts
+    from legal_eagle.service import ModelService
+    from legal_eagle.ui.app import build_app, launch_kwargs
+
+    service = ModelService.ready_with(engine, name="bench")
+    demo = build_app(service, settings, load_prompts())
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs(settings))  # type: ignore[arg-type]
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+ConsumerRunner = Callable[[str, Sequence[str], str, SamplingParams, int, int], list[RequestResult]]
+
+
+def compare(
+    engine: Engine,
+    settings: Settings,
+    *,
+    questions: Sequence[str],
+    persona: str,
+    params: SamplingParams,
+    levels: Sequence[int],
+    rounds: dict[int, int],
+    app: bool = True,
+    consumers: ConsumerRunner = app_level_results,
+) -> dict[str, Any]:
+    """Raw engine and app side by side at each load level.
+
+    Args:
+        engine: the loaded engine (the app serves this same object).
+        settings: the app's settings (host, port, concurrency_limit...).
+        questions: questions asked in turn by the users.
+        persona: the system prompt both sides send.
+        params: sampling settings (greedy with a fixed length gives equal work on both sides).
+        levels: simultaneous users per level, e.g. (1, 8, 32).
+        rounds: requests per user at each level (default 1).
+        app: also measure the app (False: raw engine only).
+        consumers: runs the app's users (threads here, or a child process on the GPU).
+
+    Returns:
+        ``{"raw": {users: summary}, "app": {users: summary}}`` with str keys (JSON-ready).
+    """
+    warm = replace(params, max_new_tokens=min(8, params.max_new_tokens))
+    engine_request(engine, build_messages(persona, [], questions[0]), warm)
+    out: dict[str, Any] = {"raw": {}, **({"app": {}} if app else {})}
+    with running_app(engine, settings) if app else contextlib.nullcontext("") as url:
+        if app:
+            consumers(url, questions, persona, warm, 1, 1)
+        for users in levels:  # raw then app at each level: any drift hits both sides alike
+            out["raw"][str(users)] = raw_level(
+                engine, questions, persona, params, users, rounds.get(users, 1)
+            )
+            log.info("raw %d users: %s", users, out["raw"][str(users)])
+            if app:
+                results = consumers(url, questions, persona, params, users, rounds.get(users, 1))
+                out["app"][str(users)] = summarise(results, users)
+                log.info("app %d users: %s", users, out["app"][str(users)])
+    return out
+
+
+def fit_text(engine: Engine, tokens: int, offset: int = 0, tag: str = "") -> str:
+    """Legal-sounding text that takes about ``tokens`` tokens as a user message's content."""
+    base = engine.count_tokens([{"role": "user", "content": ""}])
+    pool = FILLER * (tokens // 20 + 4)
+    pool = pool[offset % len(FILLER) :]
+
+    def cost(n: int) -> int:
+        return engine.count_tokens([{"role": "user", "content": tag + pool[:n]}]) - base
+
+    lo, hi = 0, len(pool)
+    while lo < hi:  # the longest prefix that fits
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return tag + pool[:lo]
+
+
+def conversation(
+    engine: Engine, persona: str, turns: int, question_tokens: int, answer_tokens: int, seed: int = 0
+) -> list[list[Message]]:
+    """The message lists of a ``turns``-turn chat whose history grows by a fixed size each turn.
+
+    Each earlier answer is fixed text of about ``answer_tokens`` tokens (the engine's own
+    answers would have random lengths), so turn k's prompt is turn k-1's plus one exchange.
+    """
+    history: list[Message] = []
+    prompts: list[list[Message]] = []
+    for k in range(turns):
+        question = fit_text(
+            engine, question_tokens, offset=7 * k + seed, tag=f"第{k + 1}个问题（会话{seed}）："
+        )
+        prompts.append(build_messages(persona, history, question))
+        history = [
+            *history,
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": fit_text(engine, answer_tokens, offset=13 * k + seed)},
+        ]
+    return prompts
+
+
+def chat_ttfts(
+    engine: Engine, prompts: Sequence[Sequence[Message]], params: SamplingParams
+) -> list[dict[str, Any]]:
+    """Time to first token of each turn, asked one after another."""
+    out = []
+    for k, messages in enumerate(prompts):
+        result = engine_request(engine, messages, params)
+        out.append(
+            {
+                "turn": k + 1,
+                "prompt_tokens": engine.count_tokens(messages),
+                "ttft_ms": None if result.ttft_s is None else result.ttft_s * 1000,
+            }
+        )
+    return out
+
+
+def long_chats(
+    engine: Engine,
+    persona: str,
+    users: int,
+    prompt_tokens: int,
+    params: SamplingParams,
+) -> tuple[dict[str, Any], int]:
+    """``users`` simultaneous chats, each with its own prompt of about ``prompt_tokens`` tokens in all.
+
+    Returns:
+        (the level's summary, the first chat's exact prompt length).
+    """
+    content = max(16, prompt_tokens - engine.count_tokens(build_messages(persona, [], "")))
+    prompts = [
+        build_messages(persona, [], fit_text(engine, content, offset=31 * i, tag=f"案件{i}："))
+        for i in range(users)
+    ]
+
+    def make_user(index: int) -> Callable[[int], RequestResult]:
+        return lambda round_: engine_request(engine, prompts[index], params, index)
+
+    return summarise(run_users(make_user, users, 1), users), engine.count_tokens(prompts[0])

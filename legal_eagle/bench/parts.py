@@ -1,0 +1,410 @@
+"""The benchmark's parts; each runs in its own child process and returns a JSON-ready dict.
+
+Every TurboMind request here is greedy with ``ignore_eos`` (see ``fixed_length``): random
+weights would otherwise stop at random places, and the two sides of a comparison must do the
+same work (``tests/gpu/test_turbomind_engine.py`` checks that ``ignore_eos`` gives exactly
+max_new_tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from legal_eagle import metrics
+from legal_eagle.bench import load
+from legal_eagle.bench.report import RequestResult, summarise
+from legal_eagle.engines.base import Engine, Message, SamplingParams
+
+log = logging.getLogger(__name__)
+
+Part = Callable[[Mapping[str, Any]], dict[str, Any]]
+PERSONA = "您是一个专业的律师，用户会对您提出法律方面的问题，请您根据您的知识进行专业、准确的回答。"
+KV_BLOCK_TOKENS = 64  # TurboMind's cache_block_seq_len default
+
+
+def fixed_length_kwargs(params: SamplingParams, stop_ids: Sequence[int]) -> dict[str, Any]:
+    """The app's GenerationConfig kwargs plus ``ignore_eos``: every answer runs to max_new_tokens."""
+    from legal_eagle.engines.turbomind import generation_kwargs
+
+    return {**generation_kwargs(params, stop_ids), "ignore_eos": True}
+
+
+@contextlib.contextmanager
+def fixed_length() -> Iterator[None]:
+    """While active, every ``TurbomindEngine`` answer in this process is exactly max_new_tokens long."""
+    from legal_eagle.engines import turbomind as tm
+
+    def build(params: SamplingParams, stop_ids: Sequence[int]) -> Any:
+        from lmdeploy import GenerationConfig
+
+        return GenerationConfig(**fixed_length_kwargs(params, stop_ids))
+
+    original = tm.build_generation_config
+    tm.build_generation_config = build
+    try:
+        yield
+    finally:
+        tm.build_generation_config = original
+
+
+class PeakMemory:
+    """Samples this process's GPU memory (NVML) in a thread; ``peak`` is the largest reading."""
+
+    def __init__(self, baseline_used: int | None, interval_s: float = 0.05) -> None:
+        self.baseline_used, self.interval_s = baseline_used, interval_s
+        self.peak: int | None = None
+        self.source = "n/a"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-peak-memory", daemon=True)
+
+    def now(self) -> int | None:
+        """This process's GPU memory now (or the device's growth since the baseline)."""
+        used = metrics.gpu_memory_used_by_process()
+        if used is not None:
+            self.source = "NVML, this process"
+            return used
+        total = metrics.gpu_used_total()
+        if total is not None and self.baseline_used is not None:
+            self.source = "NVML, device used minus before loading"
+            return total - self.baseline_used
+        return None
+
+    def sample(self) -> int | None:
+        """Take one reading and fold it into the peak."""
+        value = self.now()
+        if value is not None and (self.peak is None or value > self.peak):
+            self.peak = value
+        return value
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(1.0)
+        self.sample()
+
+
+def torch_reserved() -> int | None:
+    """Bytes torch's caching allocator holds in this process (None without CUDA in torch)."""
+    import torch
+
+    return int(torch.cuda.memory_reserved()) if torch.cuda.is_initialized() else None
+
+
+def release_torch_cache() -> dict[str, Any]:
+    """Hand torch's cached CUDA blocks back (LMDeploy loads weights through torch); what was held."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return {"torch_reserved_bytes": 0}
+    reserved = int(torch.cuda.memory_reserved())
+    torch.cuda.empty_cache()
+    return {
+        "torch_reserved_bytes": reserved,
+        "torch_reserved_after_release_bytes": int(torch.cuda.memory_reserved()),
+    }
+
+
+def engine_settings(args: Mapping[str, Any]) -> dict[str, Any]:
+    """TurboMind options: the app's defaults (``Settings``), overridden by the part's args."""
+    from legal_eagle.config import Settings
+
+    s = Settings()
+    keys = ("session_len", "cache_max_entry_count", "quant_policy", "max_batch_size", "enable_prefix_caching")
+    out = {k: getattr(s, k) for k in keys}
+    out.update({k: args[k] for k in keys if args.get(k) is not None})
+    return out
+
+
+def load_engine(args: Mapping[str, Any], baseline: int | None) -> tuple[Engine, dict[str, Any]]:
+    """Load ``args['dir']`` in TurboMind with the app's settings; (engine, what was loaded and how)."""
+    from legal_eagle.engines.turbomind import TurbomindEngine
+
+    opts = engine_settings(args)
+    start = time.perf_counter()
+    engine = TurbomindEngine.load(
+        Path(args["dir"]), model_format=args["format"], tp=1, name=f"bench-{args['format']}", **opts
+    )
+    info = {
+        "load_s": time.perf_counter() - start,
+        "engine": {**opts, "model_format": args["format"]},
+        "gpu_used_before_load": baseline,
+    }
+    return engine, info
+
+
+def params_of(args: Mapping[str, Any], key: str = "max_new_tokens") -> SamplingParams:
+    """Greedy sampling with the part's fixed answer length."""
+    return SamplingParams(
+        max_new_tokens=int(args[key]), temperature=0.7, top_p=0.8, repetition_penalty=1.0, greedy=True
+    )
+
+
+def questions() -> list[str]:
+    """The app's example questions (the same list on every side)."""
+    from legal_eagle.prompts import load_prompts
+
+    return list(load_prompts().examples) or ["公司拖欠工资怎么办？"]
+
+
+def pipe_level(engine: Engine, qs: Sequence[str], params: SamplingParams, requests: int) -> dict[str, Any]:
+    """LMDeploy's own ``pipe.stream_infer`` (its chat template, no app code), one user."""
+    from lmdeploy import GenerationConfig
+
+    pipe = engine._pipe  # type: ignore[attr-defined]  # the bench looks one level under the engine
+    gen = GenerationConfig(
+        max_new_tokens=params.max_new_tokens,
+        do_sample=False,
+        ignore_eos=True,
+    )
+    results = []
+    for r in range(requests):
+        messages: list[Message] = [
+            {"role": "system", "content": PERSONA},
+            {"role": "user", "content": qs[r % len(qs)]},
+        ]
+        trace = load.Trace()
+        session = pipe.session()
+        try:
+            for out in pipe.stream_infer(list(messages), sessions=session, gen_config=gen):
+                trace.record(int(out.generate_token_len or 0))
+        finally:
+            with contextlib.suppress(Exception):
+                pipe.session_mgr.remove(session)
+        results.append(trace.result(0))
+    return summarise(results, 1)
+
+
+def part_serve(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Raw engine vs the app (and LMDeploy's pipe) at each load level; memory; 8 long chats."""
+    from legal_eagle.bench.child import process_consumers
+    from legal_eagle.config import Settings
+
+    baseline = metrics.gpu_used_total()
+    engine, result = load_engine(args, baseline)
+    mem = PeakMemory(baseline)
+    result["memory_bytes"] = mem.sample()
+    result["torch_reserved_bytes"] = torch_reserved()
+    levels = [int(u) for u in args["levels"]]
+    rounds = {1: int(args["requests_1user"]), **{u: int(args["rounds"]) for u in levels if u != 1}}
+    settings = Settings(
+        host="127.0.0.1",
+        port=load.free_port(),
+        session_len=result["engine"]["session_len"],
+        concurrency_limit=int(args.get("concurrency_limit") or Settings().concurrency_limit),
+    )
+    result["settings"] = {
+        "concurrency_limit": settings.concurrency_limit,
+        "max_new_tokens": args["max_new_tokens"],
+        "consumers": args.get("consumers", "process"),
+    }
+    params, qs = params_of(args), questions()
+    consumers = process_consumers if args.get("consumers", "process") == "process" else load.app_level_results
+    with mem, fixed_length():
+        result.update(
+            load.compare(
+                engine,
+                settings,
+                questions=qs,
+                persona=PERSONA,
+                params=params,
+                levels=levels,
+                rounds=rounds,
+                app=bool(args.get("app", True)),
+                consumers=consumers,
+            )
+        )
+        if args.get("pipe"):
+            try:
+                result["pipe"] = {"1": pipe_level(engine, qs, params, int(args["requests_1user"]))}
+            except Exception as exc:
+                log.warning("pipe side failed: %r", exc)
+                result["pipe_error"] = repr(exc)
+        if args.get("long8"):
+            long_params = params_of(args, "long_new_tokens")
+            prompt = min(
+                int(args["long_prompt_tokens"]),
+                result["engine"]["session_len"] - long_params.max_new_tokens - 64,
+            )
+            result["long8"], result["long8_prompt_tokens"] = load.long_chats(
+                engine, PERSONA, 8, prompt, long_params
+            )
+    result.update(peak_bytes=mem.peak, memory_source=mem.source)
+    engine.close()
+    return result
+
+
+def part_prefix(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Time to first token per turn over a growing chat; the median over a few chats per turn."""
+    baseline = metrics.gpu_used_total()
+    engine, result = load_engine(args, baseline)
+    result["memory_bytes"] = PeakMemory(baseline).sample()
+    params = params_of(args)
+    with fixed_length():
+        load.engine_request(engine, load.build_messages(PERSONA, [], "你好"), params)  # warm-up
+        runs = []
+        for seed in range(int(args["conversations"])):
+            prompts = load.conversation(
+                engine,
+                PERSONA,
+                int(args["turns"]),
+                int(args["question_tokens"]),
+                int(args["answer_tokens"]),
+                seed=seed + 1,
+            )
+            runs.append(load.chat_ttfts(engine, prompts, params))
+    turns = []
+    for k in range(len(runs[0])):
+        values = [run[k]["ttft_ms"] for run in runs if run[k]["ttft_ms"] is not None]
+        turns.append(
+            {
+                "turn": k + 1,
+                "prompt_tokens": runs[0][k]["prompt_tokens"],
+                "ttft_ms": statistics.median(values) if values else None,
+            }
+        )
+    result["turns"], result["runs"] = turns, runs
+    engine.close()
+    return result
+
+
+def kv_blocks(chats: int, session_len: int) -> int:
+    """KV-cache blocks for ``chats`` full sessions of ``session_len`` tokens."""
+    return chats * -(-session_len // KV_BLOCK_TOKENS)
+
+
+def part_kv8g(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Target 4: the 4-bit engine sized for exactly 8 chats x session_len, its peak memory and speed."""
+    from lmdeploy import TurbomindEngineConfig, pipeline
+
+    from legal_eagle.engines.base import EngineInfo
+    from legal_eagle.engines.turbomind import TurbomindEngine
+
+    chats, session_len = int(args["chats"]), int(args["session_len"])
+    blocks = kv_blocks(chats, session_len)
+    opts = {
+        "model_format": "awq",
+        "session_len": session_len,
+        "cache_max_entry_count": blocks,
+        "quant_policy": int(args["quant_policy"]),
+        "max_batch_size": chats,
+        "enable_prefix_caching": True,
+        "max_prefill_token_num": int(args.get("max_prefill_token_num", 4096)),
+    }
+    baseline = metrics.gpu_used_total()
+    mem = PeakMemory(baseline)
+    start = time.perf_counter()
+    with mem:
+        pipe = pipeline(str(args["dir"]), backend_config=TurbomindEngineConfig(**opts), log_level="WARNING")
+        load_s = time.perf_counter() - start
+        info = EngineInfo(
+            name="bench-kv8g",
+            backend="turbomind",
+            model_path=str(args["dir"]),
+            model_format="awq",
+            quantization="AWQ",
+            context_len=session_len,
+        )
+        engine = TurbomindEngine(pipe, info)
+        after_load = mem.sample()
+        load_peak = mem.peak
+        cache = release_torch_cache()
+        after_release = mem.sample()
+        mem.peak = after_release  # from here on: the serving peak
+        params = params_of(args, "long_new_tokens")
+        with fixed_length():
+            load.engine_request(
+                engine, load.build_messages(PERSONA, [], "你好"), replace(params, max_new_tokens=8)
+            )
+            prompt = session_len - params.max_new_tokens - 64
+            long8, prompt_tokens = load.long_chats(engine, PERSONA, chats, prompt, params)
+    engine.close()
+    return {
+        "engine": {**opts, "cache_max_entry_count": f"{blocks} blocks"},
+        "load_s": load_s,
+        "memory_bytes": after_load,
+        "load_peak_bytes": load_peak,
+        "memory_after_torch_release_bytes": after_release,
+        "serving_peak_bytes": mem.peak,
+        "peak_bytes": max((v for v in (load_peak, mem.peak) if v is not None), default=None),
+        "memory_source": mem.source,
+        **cache,
+        "long8": long8,
+        "long8_prompt_tokens": prompt_tokens,
+        "kv_tokens": blocks * KV_BLOCK_TOKENS,
+    }
+
+
+def part_tune(args: Mapping[str, Any]) -> dict[str, Any]:
+    """One target-6 variant (its env was set by the parent): batch-1 decode speed."""
+    baseline = metrics.gpu_used_total()
+    engine, result = load_engine(args, baseline)
+    params = params_of(args)
+    with fixed_length():
+        load.engine_request(
+            engine, load.build_messages(PERSONA, [], "你好"), replace(params, max_new_tokens=8)
+        )
+        runs = [
+            load.engine_request(engine, load.build_messages(PERSONA, [], q), params)
+            for q in questions()[: int(args["requests"])]
+        ]
+    s = summarise(runs, 1)
+    engine.close()
+    return {
+        "name": args["name"],
+        "model_format": args["format"],
+        "max_batch_size": result["engine"]["max_batch_size"],
+        "quant_policy": result["engine"]["quant_policy"],
+        "env": args.get("env", {}),
+        "load_s": result["load_s"],
+        "decode_tok_s": s["decode_tok_s_mean"],
+        "ttft_ms": s["ttft_ms_mean"],
+    }
+
+
+def part_consumers(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The app's users (gradio_client), run apart from the app's process."""
+    params = SamplingParams(**args["params"])
+    results: list[RequestResult] = load.app_level_results(
+        args["url"], args["questions"], args["persona"], params, int(args["users"]), int(args["rounds"])
+    )
+    return {"results": [r.as_dict() for r in results]}
+
+
+def part_selftest(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Echo for tests of the child-process plumbing."""
+    import os
+
+    return {"ok": True, "echo": args.get("echo"), "probe": os.environ.get("LE_BENCH_PROBE")}
+
+
+def parts() -> dict[str, Part]:
+    """Every part by name (the start-up parts live in ``bench.start``)."""
+    from legal_eagle.bench import start
+
+    return {
+        "serve": part_serve,
+        "prefix": part_prefix,
+        "kv8g": part_kv8g,
+        "tune": part_tune,
+        "consumers": part_consumers,
+        "selftest": part_selftest,
+        "make_random": start.part_make_random,
+        "quick_awq": start.part_quick_awq,
+        "cold": start.part_cold,
+        "warm": start.part_warm,
+    }
