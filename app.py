@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from legal_eagle.citations import StatuteBase
 from legal_eagle.config import Settings
 from legal_eagle.errors import LegalEagleError
 from legal_eagle.loader import load_engine
@@ -31,14 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = ModelService(lambda progress: load_engine(settings, progress), name="chat")
     service.start()
-    demo = build_app(service, settings, prompts)
-    try:
-        demo.launch(**launch_kwargs(settings, {"chat": service}))  # type: ignore[arg-type]
-    except LegalEagleError as exc:
-        print(exc.user_message, file=sys.stderr)
-        return 1
-    finally:
-        service.close()
+    with ThreadPoolExecutor(1, thread_name_prefix="statutes") as pool:  # index built once, ~20 s, off the page
+        statutes = pool.submit(StatuteBase.open, settings.laws_path, settings.cache_path / "citations")
+        demo = build_app(service, settings, prompts, statutes)
+        try:
+            demo.launch(**launch_kwargs(settings, {"chat": service}))  # type: ignore[arg-type]
+        except LegalEagleError as exc:
+            print(exc.user_message, file=sys.stderr)
+            return 1
+        finally:
+            service.close()
     return 0
 
 

@@ -67,6 +67,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("prompts_dir", str, "folder with persona.md, disclaimer.md, examples.txt "
            "(default: the project's prompts/)"),
     Option("laws_dir", str, "statute corpus folder (default <cache_dir>/laws)"),
+    Option("grounding", bool, "give the model the 5 statute articles most relevant to each question "
+           "(as reference data) and list them under the answer; needs the statute base"),
     Option("log_user_text", bool, "log users' questions at INFO (off: legal questions are private)"),
     Option("log_level", str, "logging level", ("DEBUG", "INFO", "WARNING", "ERROR")),
 )
@@ -99,6 +101,7 @@ class Settings:
     repetition_penalty: float = 1.005
     prompts_dir: str | None = None
     laws_dir: str | None = None
+    grounding: bool = True
     log_user_text: bool = False
     log_level: str = "INFO"
 

@@ -22,6 +22,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def shared_laws_dir() -> Path:
+    """The statute corpus of ../shared/laws beside the checkout (or LE_TEST_LAWS_DIR)."""
+    import os
+
+    given = os.environ.get("LE_TEST_LAWS_DIR")
+    if given:
+        return Path(given)
+    beside = Path(__file__).resolve().parents[2] / "shared" / "laws"
+    return beside if beside.is_dir() else Path("/work/shared/laws")
+
+
+@pytest.fixture(scope="session")
+def labour_statutes(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A statute base of two real laws (劳动合同法, 劳动法) from ../shared/laws, opened as the app opens it."""
+    import shutil
+    from concurrent.futures import Future
+
+    from legal_eagle.citations import StatuteBase
+
+    src = shared_laws_dir() / "6-社会法"
+    if not src.is_dir():
+        pytest.skip(f"statute corpus not at {src.parent}")
+    laws = tmp_path_factory.mktemp("laws") / "6-社会法"
+    laws.mkdir()
+    for name in ("劳动合同法（2012-12-28）.md", "劳动法（2018-12-29）.md"):
+        shutil.copy(src / name, laws / name)
+    future: Future[Any] = Future()
+    future.set_result(StatuteBase.open(laws.parent, tmp_path_factory.mktemp("index")))
+    return future
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Settings for tests: loopback, cache in tmp, small limits."""
@@ -55,10 +86,10 @@ def launch(settings: Settings) -> Iterator[Callable[..., Any]]:
     demos: list[Any] = []
 
     def _launch(engine: Any = None, service: ModelService | None = None, app_settings: Settings | None = None,
-                ) -> Any:
+                statutes: Any = None) -> Any:
         run_settings = app_settings or settings
         svc = service or ModelService.ready_with(engine or FakeEngine())
-        demo = build_app(svc, run_settings, load_prompts())
+        demo = build_app(svc, run_settings, load_prompts(), statutes)
         demos.append(demo)
         kwargs = launch_kwargs(run_settings)
         _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)

@@ -20,12 +20,12 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 ARTIFACTS = Path(os.environ.get("LE_TEST_ARTIFACTS", "test-artifacts"))
 
 
-def test_type_stream_stop_export_in_a_real_browser(launch: Any, tmp_path: Path) -> None:
+def test_type_stream_stop_export_in_a_real_browser(launch: Any, tmp_path: Path, labour_statutes: Any) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     answer = "根据《中华人民共和国劳动合同法》第三十八条，" + "您可以解除劳动合同。" * 300
     engine = FakeEngine(script=lambda m, p: answer, delay_s=0.01)
-    client = launch(engine)
+    client = launch(engine, statutes=labour_statutes)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
@@ -47,6 +47,10 @@ def test_type_stream_stop_export_in_a_real_browser(launch: Any, tmp_path: Path) 
         page.wait_for_timeout(500)
         assert bot.inner_text() == stopped, "text kept arriving after Stop"
         assert "您可以解除劳动合同" in stopped  # the partial answer stays on screen
+        panel = page.locator("#citations")  # the 法条 panel: the cited article checked, with its text
+        expect(panel).to_contain_text("第三十八条", timeout=10_000)
+        expect(panel).to_contain_text("未及时足额支付劳动报酬")
+        expect(panel).to_contain_text("依据法条")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
         page.locator("#export").click()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future
 
 import gradio as gr
 
+from legal_eagle.citations import StatuteBase
 from legal_eagle.config import Settings
 from legal_eagle.prompts import Prompts
 from legal_eagle.service import ModelService
@@ -20,13 +22,15 @@ CSS = """
 """
 
 
-def build_app(service: ModelService, settings: Settings, prompts: Prompts) -> gr.Blocks:
+def build_app(service: ModelService, settings: Settings, prompts: Prompts,
+              statutes: Future[StatuteBase | None] | None = None) -> gr.Blocks:
     """Assemble the page.
 
     Args:
         service: the chat model's service (ready or still preparing).
         settings: the run's settings.
         prompts: persona, disclaimer and examples.
+        statutes: the statute base being opened in the background (None: citation features off).
 
     Returns:
         The Blocks app with its queue configured; launch it with ``launch_kwargs()``.
@@ -36,7 +40,7 @@ def build_app(service: ModelService, settings: Settings, prompts: Prompts) -> gr
                     "基于 Legal-Eagle InternLM2-chat-7B（4-bit AWQ，LMDeploy TurboMind）的中文法律问答演示。")
         build_status_bar(service)
         with gr.Tabs(), gr.Tab("法律咨询", id="chat"):
-            build_chat_tab(ChatHandlers(service=service, settings=settings, prompts=prompts))
+            build_chat_tab(ChatHandlers(service=service, settings=settings, prompts=prompts, statutes=statutes))
     demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=settings.max_queue_size)
     return demo
 

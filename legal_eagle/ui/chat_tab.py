@@ -12,13 +12,15 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from legal_eagle.citations import MISSING_NOTICE, Article, StatuteBase, grounding_block, render_panel
 from legal_eagle.config import Settings
 from legal_eagle.conversation import build_messages, clean_question, trim_to_budget, validate_sampling
 from legal_eagle.engines.base import Message, SamplingParams
@@ -41,6 +43,28 @@ class ChatHandlers:
     service: ModelService
     settings: Settings
     prompts: Prompts
+    statutes: Future[StatuteBase | None] | None = None  # opened in the background (index build ~20 s once)
+
+    def statute_base(self) -> StatuteBase | None:
+        """The statute base once it is open; None while it builds, when absent, or when it failed."""
+        if self.statutes is None or not self.statutes.done() or self.statutes.exception() is not None:
+            return None
+        return self.statutes.result()
+
+    def citations_panel(self, turns: Turns) -> str:
+        """The 法条 panel for the last answer: each cited article checked, plus the sources given to the model."""
+        base = self.statute_base()
+        if base is None:
+            if self.statutes is not None and not self.statutes.done():
+                return "法条库正在建立索引（首次约 20 秒），请稍候……"
+            if self.statutes is not None and self.statutes.exception() is not None:
+                return "法条库打开失败，法条核对暂不可用（详见服务日志）。"
+            return MISSING_NOTICE
+        answer = next((t for t in reversed(turns) if t["role"] == "assistant"), None)
+        if answer is None:
+            return ""
+        sources = [Article(**a) for a in answer.get("meta", {}).get("sources", [])]
+        return render_panel(base.check(answer["content"]), sources)
 
     def respond(self, question: str, turns: Turns, persona: str, temperature: float, top_p: float,
                 max_new_tokens: int, repetition_penalty: float, greedy: bool) -> Iterator[Outputs]:
@@ -78,8 +102,11 @@ class ChatHandlers:
                 engine: Any) -> Iterator[Outputs]:
         """Stream one answer into ``turns`` (in place) and the chatbot."""
         history: list[Message] = [{"role": t["role"], "content": t["content"]} for t in turns]
+        base = self.statute_base() if self.settings.grounding else None
+        sources = base.retrieve(question, k=5) if base is not None else []
+        system = f"{persona}\n\n{grounding_block(sources)}" if sources else persona  # articles as data
         try:
-            trimmed = trim_to_budget(build_messages(persona, history, question), engine.count_tokens,
+            trimmed = trim_to_budget(build_messages(system, history, question), engine.count_tokens,
                                      engine.info.context_len - params.max_new_tokens)
         except LegalEagleError as exc:
             raise gr.Error(exc.user_message) from None
@@ -91,6 +118,7 @@ class ChatHandlers:
                       "（界面上仍保留）。")
             gr.Info(notice)
         answer: dict[str, Any] = {"role": "assistant", "content": ""}
+        grounded = [asdict(a) for a in sources]
         turns += [{"role": "user", "content": question}, answer]
         started = time.monotonic()
         first: float | None = None
@@ -104,7 +132,7 @@ class ChatHandlers:
                         answer["content"] += chunk.text
                     tokens = chunk.n_tokens
                     answer["meta"] = self._meta(engine, params, tokens, chunk.finish_reason or "streaming",
-                                                trimmed.dropped_turns)
+                                                trimmed.dropped_turns, grounded)
                     if chunk.finish_reason:
                         reason = chunk.finish_reason
                     if time.monotonic() - last_yield >= _YIELD_EVERY_S:
@@ -118,13 +146,14 @@ class ChatHandlers:
             reason = "error"
             answer["content"] += "\n\n⚠️ 模型生成时出现内部错误，请重试。"
             log.exception("generation failed: %s", type(exc).__name__)
-        answer["meta"] = self._meta(engine, params, tokens, reason, trimmed.dropped_turns)
+        answer["meta"] = self._meta(engine, params, tokens, reason, trimmed.dropped_turns, grounded)
         yield self._outputs(turns, "", self._summary(tokens, reason, started, first, notice))
 
-    def _meta(self, engine: Any, params: SamplingParams, tokens: int, reason: str, dropped: int) -> dict[str, Any]:
+    def _meta(self, engine: Any, params: SamplingParams, tokens: int, reason: str, dropped: int,
+              sources: list[dict[str, Any]]) -> dict[str, Any]:
         return {"model": engine.info.name, "quantization": engine.info.quantization,
                 "sampling": params.as_dict(), "tokens": tokens, "finish_reason": reason,
-                "dropped_messages": dropped}
+                "dropped_messages": dropped, "sources": sources}
 
     @staticmethod
     def _summary(tokens: int, reason: str, started: float, first: float | None, notice: str) -> str:
@@ -183,6 +212,8 @@ def build_chat_tab(handlers: ChatHandlers) -> None:
         clear = gr.Button("清空对话", elem_id="clear")
         export = gr.Button("导出对话", elem_id="export")
     status = gr.Markdown("", elem_id="chat-status")
+    with gr.Accordion("法条（核对回答引用的条文）", open=True):
+        panel = gr.Markdown(handlers.citations_panel([]), elem_id="citations")
     files = gr.File(label="导出文件（Markdown / JSON）", file_count="multiple", interactive=False,
                     elem_id="export-files", height=110)
     gr.Examples([[e] for e in prompts.examples], inputs=[question], label="示例问题")
@@ -205,9 +236,13 @@ def build_chat_tab(handlers: ChatHandlers) -> None:
     submit_event = question.submit(**{**ask, "api_name": False})  # type: ignore[arg-type]
     regen_event = regen.click(handlers.regenerate, inputs=[turns, *sampling], outputs=outputs,
                               concurrency_limit=limit, concurrency_id="chat", api_name="regenerate")
+    for event in (send_event, submit_event, regen_event):
+        event.then(handlers.citations_panel, inputs=[turns], outputs=[panel], api_name=False, concurrency_limit=None)
     stop.click(lambda: "已停止：已生成的部分保留在对话中。", outputs=[status],
-               cancels=[send_event, submit_event, regen_event], api_name=False, concurrency_limit=None)
+               cancels=[send_event, submit_event, regen_event], api_name=False, concurrency_limit=None).then(
+        handlers.citations_panel, inputs=[turns], outputs=[panel], api_name=False, concurrency_limit=None)
     clear.click(handlers.clear, outputs=outputs, cancels=[send_event, submit_event, regen_event],
-                api_name="clear", concurrency_limit=None)
+                api_name="clear", concurrency_limit=None).then(
+        handlers.citations_panel, inputs=[turns], outputs=[panel], api_name=False, concurrency_limit=None)
     export.click(handlers.export, inputs=[turns, persona], outputs=[files], api_name="export",
                  concurrency_limit=None)
