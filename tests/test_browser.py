@@ -47,6 +47,7 @@ def test_type_stream_stop_export_in_a_real_browser(launch: Any, tmp_path: Path, 
         page.wait_for_timeout(500)
         assert bot.inner_text() == stopped, "text kept arriving after Stop"
         assert "您可以解除劳动合同" in stopped  # the partial answer stays on screen
+        expect(page.locator("#chat-status")).to_contain_text("已停止", timeout=5_000)
         panel = page.locator("#citations")  # the 法条 panel: the cited article checked, with its text
         expect(panel).to_contain_text("第三十八条", timeout=10_000)
         expect(panel).to_contain_text("未及时足额支付劳动报酬")
