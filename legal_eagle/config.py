@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("prompts_dir", str, "folder with persona.md, disclaimer.md, examples.txt "
            "(default: the project's prompts/)"),
     Option("laws_dir", str, "statute corpus folder (default <cache_dir>/laws)"),
+    Option("auth", str, "login for the page and its API: user:password[,user2:password2] (default: none; "
+           "GET /healthz stays open for probes)"),
     Option("grounding", bool, "give the model the 5 statute articles most relevant to each question "
            "(as reference data) and list them under the answer; needs the statute base"),
     Option("log_user_text", bool, "log users' questions at INFO (off: legal questions are private)"),
@@ -101,6 +103,7 @@ class Settings:
     repetition_penalty: float = 1.005
     prompts_dir: str | None = None
     laws_dir: str | None = None
+    auth: str | None = field(default=None, repr=False)  # passwords stay out of logs
     grounding: bool = True
     log_user_text: bool = False
     log_level: str = "INFO"
@@ -119,6 +122,7 @@ class Settings:
         _check_range("temperature", self.temperature, 0.0, 2.0)
         _check_range("top_p", self.top_p, 0.01, 1.0)
         _check_range("repetition_penalty", self.repetition_penalty, 1.0, 2.0)
+        parse_auth(self.auth)  # raises ValueError with the expected form
         for option in OPTIONS:
             value = getattr(self, option.name)
             if option.choices is not None and value not in option.choices:
@@ -207,3 +211,27 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
     """Raise ValueError unless ``low <= value <= high``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise ValueError(f"{name} must be between {low} and {high}, got {value!r}")
+
+
+def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
+    """``"user:password,user2:pass2"`` → ``[("user", "password"), ("user2", "pass2")]``.
+
+    The first ``:`` of each pair separates name and password, so passwords may contain ``:``
+    but not ``,``. Empty or None means no login.
+
+    Raises:
+        ValueError: a pair without ``:``, an empty name or password, or a name given twice.
+    """
+    if spec is None or not spec.strip():
+        return None
+    pairs: list[tuple[str, str]] = []
+    for number, item in enumerate(spec.split(","), start=1):
+        user, sep, password = item.strip().partition(":")
+        user = user.strip()
+        if not sep or not user or not password:
+            raise ValueError(f"auth entry {number} must look like user:password (pairs separated by commas), "
+                             f"got {'an empty entry' if not item.strip() else repr(user + sep + '***')}")
+        if any(user == u for u, _ in pairs):
+            raise ValueError(f"auth user {user!r} is given twice")
+        pairs.append((user, password))
+    return pairs

@@ -132,3 +132,15 @@ def test_auth_protects_page_and_api_but_not_healthz(launched: Any) -> None:
     chat, _, _ = ask(client, "公司拖欠工资怎么办？")
     assert "第1轮" in text_of(chat[-1]["content"])
     assert httpx.get(url + "healthz").status_code == 200  # probes need no password
+
+
+def test_auth_setting_reaches_launch_and_bad_values_are_config_errors(settings: Any) -> None:
+    from dataclasses import replace
+
+    assert "auth" not in launch_kwargs(settings)
+    kwargs = launch_kwargs(replace(settings, auth="lawyer:s3cret:pass,guest:guest-pw"))
+    assert kwargs["auth"] == USERS
+    loaded = Settings.load([], {"LE_AUTH": "guest:guest-pw"})
+    assert launch_kwargs(loaded)["auth"] == [("guest", "guest-pw")]
+    with pytest.raises(ValueError, match="user:password"):
+        Settings.load(["--auth", "nopassword"], {})

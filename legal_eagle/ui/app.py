@@ -12,7 +12,7 @@ from legal_eagle.config import Settings
 from legal_eagle.prompts import Prompts
 from legal_eagle.service import ModelService
 from legal_eagle.ui.chat_tab import ChatHandlers, build_chat_tab
-from legal_eagle.ui.health import health_routes
+from legal_eagle.ui.health import health_routes, parse_auth
 from legal_eagle.ui.status_bar import build_status_bar
 
 TITLE = "Legal-Eagle 法律咨询"
@@ -62,4 +62,7 @@ def launch_kwargs(settings: Settings, services: Mapping[str, ModelService] | Non
     }
     if services is not None:
         kwargs["app_kwargs"] = {"routes": health_routes(services)}
+    users = parse_auth(settings.auth)
+    if users:
+        kwargs["auth"] = users
     return kwargs

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from legal_eagle.config import parse_auth  # noqa: F401  (re-exported: login is a setting)
 from legal_eagle.service import ModelService
 
 HEALTH_PATH = "/healthz"
@@ -91,27 +92,3 @@ def mount_health(app: Any, services: Mapping[str, ModelService], path: str = HEA
     """
     route = health_routes(services, path, extra)[0]
     app.router.routes.insert(0, route)  # before any catch-all route of the host app
-
-
-def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
-    """``"user:password,user2:pass2"`` → ``[("user", "password"), ("user2", "pass2")]``.
-
-    The first ``:`` of each pair separates name and password, so passwords may contain ``:``
-    but not ``,``. Empty or None means no login.
-
-    Raises:
-        ValueError: a pair without ``:``, an empty name or password, or a name given twice.
-    """
-    if spec is None or not spec.strip():
-        return None
-    pairs: list[tuple[str, str]] = []
-    for number, item in enumerate(spec.split(","), start=1):
-        user, sep, password = item.strip().partition(":")
-        user = user.strip()
-        if not sep or not user or not password:
-            raise ValueError(f"auth entry {number} must look like user:password (pairs separated by commas), "
-                             f"got {'an empty entry' if not item.strip() else repr(user + sep + '***')}")
-        if any(user == u for u, _ in pairs):
-            raise ValueError(f"auth user {user!r} is given twice")
-        pairs.append((user, password))
-    return pairs
