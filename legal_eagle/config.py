@@ -16,7 +16,7 @@ from typing import Any
 
 from legal_eagle import MODEL_ID
 
-BACKENDS = ("auto", "turbomind", "transformers", "fake")
+BACKENDS = ("auto", "turbomind", "transformers", "remote", "fake")
 MODEL_FORMATS = ("awq", "hf")
 QUANT_POLICIES = (0, 4, 8)
 
@@ -67,6 +67,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("prompts_dir", str, "folder with persona.md, disclaimer.md, examples.txt "
            "(default: the project's prompts/)"),
     Option("laws_dir", str, "statute corpus folder (default <cache_dir>/laws)"),
+    Option("remote_url", str, "with --backend remote: an LMDeploy api_server or proxy, e.g. http://127.0.0.1:23333"),
+    Option("api_key", str, "with --backend remote: the key the server was started with (--api-keys)"),
     Option("auth", str, "login for the page and its API: user:password[,user2:password2] (default: none; "
            "GET /healthz stays open for probes)"),
     Option("grounding", bool, "give the model the 5 statute articles most relevant to each question "
@@ -103,6 +105,8 @@ class Settings:
     repetition_penalty: float = 1.005
     prompts_dir: str | None = None
     laws_dir: str | None = None
+    remote_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     auth: str | None = field(default=None, repr=False)  # passwords stay out of logs
     grounding: bool = True
     log_user_text: bool = False
@@ -123,6 +127,8 @@ class Settings:
         _check_range("top_p", self.top_p, 0.01, 1.0)
         _check_range("repetition_penalty", self.repetition_penalty, 1.0, 2.0)
         parse_auth(self.auth)  # raises ValueError with the expected form
+        if self.backend == "remote" and not self.remote_url:
+            raise ValueError("backend remote needs --remote-url (LE_REMOTE_URL), e.g. http://127.0.0.1:23333")
         for option in OPTIONS:
             value = getattr(self, option.name)
             if option.choices is not None and value not in option.choices:

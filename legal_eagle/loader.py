@@ -39,6 +39,14 @@ def load_engine(settings: Settings, progress: ProgressFn) -> Engine:
 
         log.warning("backend=fake: answers are SCRIPTED test text, not a model")
         return FakeEngine(context_len=settings.session_len, name="scripted test engine (not a model)")
+    if backend == "remote":
+        from legal_eagle.engines.remote import RemoteEngine
+
+        progress("loading", None, f"连接推理服务 {settings.remote_url}")
+        return RemoteEngine.connect(settings.remote_url or "", api_key=settings.api_key, wait_s=600.0,
+                                    on_wait=lambda why: progress("loading", None, why),
+                                    context_len=settings.session_len,
+                                    max_connections=max(128, settings.concurrency_limit))
     from legal_eagle.prepare import prepare_model
 
     # Without TurboMind the 4-bit AWQ format cannot run (transformers has no TurboMind kernels).

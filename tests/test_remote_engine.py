@@ -494,3 +494,17 @@ def test_real_api_server_on_gpu(tmp_path: Any) -> None:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_app_settings_select_the_remote_backend(server: tuple[str, ServerState], state: ServerState) -> None:
+    from legal_eagle.config import Settings
+    from legal_eagle.loader import load_engine
+
+    state.api_key = "s3cr3t-key"
+    seen: list[str] = []
+    settings = Settings.load(["--backend", "remote", "--remote-url", server[0]], {"LE_API_KEY": "s3cr3t-key"})
+    engine = load_engine(settings, lambda stage, fraction, detail: seen.append(stage))
+    assert isinstance(engine, RemoteEngine) and engine.model == MODEL and seen == ["loading"]
+    assert "s3cr3t-key" not in repr(settings)
+    with pytest.raises(ValueError, match="remote-url"):
+        Settings.load(["--backend", "remote"], {})
