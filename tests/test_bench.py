@@ -153,8 +153,8 @@ def test_compare_raw_and_app_end_to_end_with_fake_engine() -> None:
         assert (one["requests"], four["requests"], one["errors"], four["errors"]) == (2, 4, 0, 0)
         assert one["tokens"] == 2 * N and four["tokens"] == 4 * N
         assert 0 < one["ttft_ms_mean"] < 2000 and 50 < one["decode_tok_s_mean"] < 1000  # fake: ~200 tok/s
-        assert four["agg_tok_s"] > 1.5 * one["agg_tok_s"]  # four users really ran at once
     assert out["app"]["4"]["ttft_ms_mean"] >= 0
+    assert engine.peak_active >= 2  # the 4-user levels really ran streams at once (no timing needed)
     asked = [c.messages for c in engine.calls]
     assert all(m[0] == {"role": "system", "content": "律师"} for m in asked)
     assert engine.active_generations() == 0

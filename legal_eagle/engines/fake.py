@@ -54,6 +54,7 @@ class FakeEngine:
     name: str = "fake"
     calls: list[Call] = field(default_factory=list)
     _active: int = 0
+    peak_active: int = 0  # most streams open at once (tests check real concurrency with it)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -78,6 +79,7 @@ class FakeEngine:
         answer = self.script(call.messages, call.params)
         with self._lock:
             self._active += 1
+            self.peak_active = max(self.peak_active, self._active)
         call.finish_reason = "abort"
         try:
             for i, char in enumerate(answer[: call.params.max_new_tokens]):
