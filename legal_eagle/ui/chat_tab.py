@@ -238,10 +238,11 @@ def build_chat_tab(handlers: ChatHandlers) -> None:
                               concurrency_limit=limit, concurrency_id="chat", api_name="regenerate")
     for event in (send_event, submit_event, regen_event):
         event.then(handlers.citations_panel, inputs=[turns], outputs=[panel], api_name=False, concurrency_limit=None)
-    # Cancel first, then say so: a status set alongside the cancel could be overwritten by the
-    # cancelled stream's last update.
-    stop.click(None, cancels=[send_event, submit_event, regen_event], api_name=False, concurrency_limit=None).then(
-        lambda: "已停止：已生成的部分保留在对话中。", outputs=[status], api_name=False, concurrency_limit=None).then(
+    stopped = "已停止：已生成的部分保留在对话中。"
+    # Said again once the cancel is through: the cancelled stream's last update can land after the first.
+    stop.click(lambda: stopped, outputs=[status], cancels=[send_event, submit_event, regen_event], api_name=False,
+               concurrency_limit=None).then(
+        lambda: stopped, outputs=[status], api_name=False, concurrency_limit=None).then(
         handlers.citations_panel, inputs=[turns], outputs=[panel], api_name=False, concurrency_limit=None)
     clear.click(handlers.clear, outputs=outputs, cancels=[send_event, submit_event, regen_event],
                 api_name="clear", concurrency_limit=None).then(
