@@ -22,6 +22,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, poll_s: float = 0.02) -> bool:
+    """Poll until ``condition`` holds or ``timeout`` seconds are up; returns its last value as a bool."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(poll_s)
+    return bool(condition())
+
+
 def shared_laws_dir() -> Path:
     """The statute corpus of ../shared/laws beside the checkout (or LE_TEST_LAWS_DIR)."""
     import os

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 
 from legal_eagle.engines.fake import FakeEngine
 from legal_eagle.service import ModelService
@@ -30,14 +30,7 @@ def text_of(content: Any) -> str:
     return str(content)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll until ``condition`` holds or the time is up."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
+
 
 
 def test_two_turn_conversation_keeps_history(launch: Any) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 
 import httpx
 import pytest
-from test_app import ask, text_of, wait_for
+from conftest import wait_for
+from test_app import ask, text_of
 
 from legal_eagle.config import Settings
 from legal_eagle.engines.fake import FakeEngine

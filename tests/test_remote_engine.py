@@ -16,14 +16,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_for
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -157,14 +157,7 @@ def state(server: tuple[str, ServerState]) -> ServerState:
     return st
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll until ``condition`` holds or the time is up."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
+
 
 
 def test_streams_text_tokens_and_finish(server: tuple[str, ServerState], state: ServerState) -> None:
@@ -176,7 +169,7 @@ def test_streams_text_tokens_and_finish(server: tuple[str, ServerState], state: 
     assert chunks[-1].finish_reason == "stop" and all(c.finish_reason is None for c in chunks[:-1])
     assert chunks[-1].n_tokens == 2 * len(ANSWER) + 1  # the usage event's completion_tokens
     assert engine.active_generations() == 0
-    assert wait_for(lambda: state.completed == 1)  # the server resumes after its last yield a moment later
+    assert wait_for(lambda: state.completed == 1, 5.0)  # the server resumes after its last yield a moment later
     engine.close()
 
 
@@ -223,7 +216,7 @@ def test_closing_the_stream_disconnects_and_frees_the_slot(server: tuple[str, Se
     assert got[-1].text and engine.active_generations() == 1 and state.disconnects == 0
     stream.close()  # what Gradio's Stop does to the handler's generator
     assert engine.active_generations() == 0
-    assert wait_for(lambda: state.disconnects == 1), "the server never saw the client go away"
+    assert wait_for(lambda: state.disconnects == 1, 5.0), "the server never saw the client go away"
     assert state.completed == 0
     engine.close()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 
 from legal_eagle.engines import turbomind as tm
 from legal_eagle.engines.base import Engine, EngineInfo, SamplingParams
@@ -157,13 +158,7 @@ MESSAGES = [{"role": "system", "content": "律师"},
 GREEDY = SamplingParams(greedy=True, max_new_tokens=64)
 
 
-def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
+
 
 
 def test_satisfies_protocol(engine_pipe: Any) -> None:
@@ -297,7 +292,7 @@ def test_concurrent_streams_from_threads_count_exactly() -> None:
         assert len(results) == 8
         assert sorted(len(r) for r in results) == [4] * 4 + [30] * 4
         assert max(peak) > 1 and engine.active_generations() == 0
-        assert wait_for(lambda: pipe.async_engine.slots == 0)
+        assert wait_for(lambda: pipe.async_engine.slots == 0, 5.0, poll_s=0.01)
         assert pipe.async_engine.session_mgr.sessions == {}
     finally:
         engine.close()
@@ -533,7 +528,7 @@ def test_against_lmdeploy_asyncengine(tiny_tokenizer_dir: Path) -> None:
         queued.close()
         running[1].close()
         assert engine.active_generations() == 0
-        assert wait_for(lambda: core.session_mgr.request_handle_pool.pool.qsize() == 2)
+        assert wait_for(lambda: core.session_mgr.request_handle_pool.pool.qsize() == 2, 5.0, poll_s=0.01)
         assert core.session_mgr.sessions == {} and not any(inst.busy for inst in instances)
         assert sum(inst.cancels for inst in instances) >= 3
         for inst in instances:
