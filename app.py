@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from legal_eagle.citations import StatuteBase
@@ -20,6 +20,13 @@ from legal_eagle.loader import load_engine
 from legal_eagle.prompts import load_prompts
 from legal_eagle.service import ModelService
 from legal_eagle.ui.app import build_app, launch_kwargs
+
+
+def _log_statute_failure(future: Future[StatuteBase | None]) -> None:
+    """The 法条 panel tells users to see the log when the statute index cannot be opened: log why."""
+    if future.exception() is not None:
+        logging.getLogger("legal_eagle.citations").error("statute base failed to open; citation features off",
+                                                         exc_info=future.exception())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     service.start()
     with ThreadPoolExecutor(1, thread_name_prefix="statutes") as pool:  # index built once, ~20 s, off the page
         statutes = pool.submit(StatuteBase.open, settings.laws_path, settings.cache_path / "citations")
+        statutes.add_done_callback(_log_statute_failure)
         demo = build_app(service, settings, prompts, statutes)
         try:
             demo.launch(**launch_kwargs(settings, {"chat": service}))  # type: ignore[arg-type]

@@ -71,3 +71,16 @@ def test_a_failed_index_build_is_said_and_chat_still_works(settings: Settings) -
     h, engine = handlers(settings, failed)
     turns = ask(h)
     assert turns[-1]["content"] == ANSWER and "失败" in h.citations_panel(turns)
+
+
+def test_app_logs_why_the_statute_base_failed(caplog: Any) -> None:
+    import app  # the panel says "详见服务日志": the reason must be there
+
+    failed: Future[Any] = Future()
+    failed.add_done_callback(app._log_statute_failure)
+    failed.set_exception(OSError("read-only file system"))
+    absent: Future[Any] = Future()
+    absent.add_done_callback(app._log_statute_failure)
+    absent.set_result(None)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "read-only file system" in caplog.text
