@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from legal_eagle import MODEL_ID
+from legal_eagle.calibration import CalibrationSpec
 
 BACKENDS = ("auto", "turbomind", "transformers", "remote", "fake")
 MODEL_FORMATS = ("awq", "hf")
@@ -46,6 +47,10 @@ OPTIONS: tuple[Option, ...] = (
            "awq = 4-bit AWQ W4A16 (made on first start), hf = fp16 weights as downloaded", MODEL_FORMATS),
     Option("cache_dir", str, "where converted/quantized models and indexes live "
            "(default ~/.cache/legal-eagle)"),
+    Option("calibration", str, "AWQ calibration text: builtin (the shipped Chinese legal Q&A), none "
+           "(data-free round-to-nearest) or the path of a UTF-8 text file (问：/答： pairs or plain text)"),
+    Option("min_agreement", float, "publish the 4-bit copy only if it picks the fp16 model's next token at "
+           "least this often on legal prompts (0..1; 0 skips the gate, e.g. for random test weights)"),
     Option("session_len", int, "context window in tokens (prompt + answer) per conversation"),
     Option("cache_max_entry_count", float,
            "share of FREE GPU memory (after weights) that TurboMind's KV cache takes, 0.01-0.95"),
@@ -87,6 +92,8 @@ class Settings:
     backend: str = "auto"
     model_format: str = "awq"
     cache_dir: str | None = None
+    calibration: str = "builtin"
+    min_agreement: float = 0.85
     session_len: int = 8192
     cache_max_entry_count: float = 0.5
     quant_policy: int = 0
@@ -114,6 +121,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         _check_range("session_len", self.session_len, 256, 1_048_576)
+        _check_range("min_agreement", self.min_agreement, 0.0, 1.0)
+        self.calibration_spec()  # raises ValueError for a missing calibration file
         _check_range("cache_max_entry_count", self.cache_max_entry_count, 0.01, 0.95)
         _check_range("max_batch_size", self.max_batch_size, 1, 1024)
         _check_range("tp", self.tp, 1, 64)
@@ -138,6 +147,15 @@ class Settings:
     def cache_path(self) -> Path:
         """Resolved cache directory."""
         return Path(self.cache_dir or _default_cache_dir()).expanduser()
+
+    def calibration_spec(self) -> CalibrationSpec:
+        """The AWQ calibration this run asks for (``builtin``, ``none`` or a text file)."""
+        if self.calibration in ("builtin", "none"):
+            return CalibrationSpec(source=self.calibration)  # type: ignore[arg-type]
+        path = Path(self.calibration).expanduser()
+        if not path.is_file():
+            raise ValueError(f"calibration must be builtin, none or an existing text file, got {self.calibration!r}")
+        return CalibrationSpec(source="file", path=path)
 
     @property
     def laws_path(self) -> Path:

@@ -58,6 +58,8 @@ def load_engine(settings: Settings, progress: ProgressFn) -> Engine:
         revision=settings.revision,
         cache_dir=settings.cache_path,
         model_format=model_format,
+        calib=settings.calibration_spec(),
+        min_agreement=settings.min_agreement,
         on_progress=progress,
     )
     progress("loading", None, Path(prepared.path).name)

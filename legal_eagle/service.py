@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 Stage = Literal["waiting", "downloading", "converting", "quantizing", "verifying", "loading", "ready", "failed"]
 STAGE_LABELS: dict[str, str] = {
-    "waiting": "等待开始",
+    "waiting": "等待中",
     "downloading": "正在下载模型权重",
     "converting": "正在转换模型格式",
     "quantizing": "正在进行 4-bit AWQ 量化（首次启动需要几分钟）",
@@ -30,6 +30,9 @@ STAGE_LABELS: dict[str, str] = {
     "ready": "模型已就绪",
     "failed": "模型准备失败",
 }
+# The preparer's stage names (legal_eagle.prepare: download, wait, convert, quantize, check) as the page's.
+PREPARE_STAGES = {"download": "downloading", "wait": "waiting", "convert": "converting", "quantize": "quantizing",
+                  "check": "verifying"}
 ProgressFn = Callable[[str, "float | None", str], None]
 Preparer = Callable[[ProgressFn], Engine]
 
@@ -125,6 +128,7 @@ class ModelService:
 
     def report(self, stage: str, fraction: float | None = None, detail: str = "") -> None:
         """Progress callback handed to the preparer."""
+        stage = PREPARE_STAGES.get(stage, stage)
         with self._lock:
             if stage != self._stage:
                 log.info("%s: %s", self._name, STAGE_LABELS.get(stage, stage))

@@ -126,10 +126,13 @@ def main() -> int:
     parser.add_argument("--limit", type=float, default=420.0, help="seconds allowed for the first start")
     parser.add_argument("--extra", default="", help="extra app flags, space separated")
     parser.add_argument("--tiny", action="store_true", help="dry run on a CPU: tiny model, transformers backend")
+    parser.add_argument("--runs", default="first,second",
+                        help="which starts to make (first,second); results merge into first_start.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model, cache = args.work / "downloaded-internlm2-7b-random", args.work / "cache"
-    result: dict[str, Any] = {}
+    saved = args.out / "first_start.json"
+    result: dict[str, Any] = json.loads(saved.read_text()) if saved.exists() else {}
     if not (model / "config.json").exists():
         from legal_eagle.tiny_model import build_tiny_checkpoint
 
@@ -138,8 +141,9 @@ def main() -> int:
         build_tiny_checkpoint(model, arch="internlm2", dtype="float16", **shape)
         result["build_random_7b_s"] = round(time.monotonic() - t, 1)
         print(f"random 7B InternLM2 checkpoint written in {result['build_random_7b_s']} s", flush=True)
-    extra = args.extra.split() + (["--backend", "transformers"] if args.tiny else [])
-    for run in ("first", "second"):
+    # Random weights: the 4-bit vs fp16 agreement is measured and logged, but not a gate (--min-agreement 0).
+    extra = ["--min-agreement", "0", *args.extra.split()] + (["--backend", "transformers"] if args.tiny else [])
+    for run in args.runs.split(","):
         proc = start_app(model, cache, args.port, args.out / f"app_{run}.log", extra)
         try:
             timeline, ready_s = follow(proc, args.port, args.limit)
@@ -148,7 +152,12 @@ def main() -> int:
                            "gpu_memory_bytes": gpu_memory(proc.pid)}
         finally:
             stop(proc)
-        (args.out / "first_start.json").write_text(json.dumps(result, ensure_ascii=False, indent=2))
+        manifests = sorted(cache.glob("*/quant_manifest.json"))
+        if manifests:
+            result["quant_manifest"] = json.loads(manifests[-1].read_text())
+        saved.write_text(json.dumps(result, ensure_ascii=False, indent=2))
+    if not {"first", "second"} <= result.keys():
+        return 0
     first, second = result["first"], result["second"]
     stages_second = [stage for _, stage, _ in second["timeline"]]
     print("\n| run | ready (s) | stages | GPU memory (GiB) | turn-1 TTFT (s) | decode tok/s (app) |")

@@ -78,3 +78,36 @@ def test_readme_documents_every_setting_and_ci_runs_its_test_command() -> None:
         assert f"`--{option.name.replace('_', '-')}" in readme and f"`LE_{option.name.upper()}`" in readme
     command = "python3 -m pytest -q"
     assert command in readme and command in (root / ".ci" / "run").read_text()
+
+
+def test_calibration_setting_builds_the_awq_spec(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert Settings().calibration_spec().source == "builtin"
+    assert Settings.load(["--calibration", "none"]).calibration_spec().source == "none"
+    text = tmp_path / "calib.txt"
+    text.write_text("问：房东不退押金怎么办？\n答：可以起诉。\n", encoding="utf-8")
+    spec = Settings.load([], {"LE_CALIBRATION": str(text)}).calibration_spec()
+    assert spec.source == "file" and spec.path == text
+    with pytest.raises(ValueError, match="calibration"):
+        Settings(calibration=str(tmp_path / "missing.txt"))
+
+
+def test_min_agreement_is_a_share() -> None:
+    assert Settings.load(["--min-agreement", "0"]).min_agreement == 0.0
+    with pytest.raises(ValueError, match="min_agreement"):
+        Settings(min_agreement=1.5)
+
+
+def test_loader_hands_calibration_and_threshold_to_prepare(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from legal_eagle import loader, prepare
+
+    seen = {}
+
+    def fake_prepare(source, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(prepare, "prepare_model", fake_prepare)
+    settings = Settings(backend="transformers", cache_dir=str(tmp_path), calibration="none", min_agreement=0.0)
+    with pytest.raises(RuntimeError, match="stop here"):
+        loader.load_engine(settings, lambda *a: None)
+    assert seen["calib"].source == "none" and seen["min_agreement"] == 0.0

@@ -85,3 +85,14 @@ def test_exports_carry_disclaimer_model_and_settings() -> None:
     data = json.loads(to_json(turns, meta))
     assert data["disclaimer"] == "不构成法律意见" and data["model"]["quantization"] == "fake"
     assert data["messages"][1]["meta"]["sampling"]["temperature"] == 0.3
+
+
+@pytest.mark.parametrize(("prepare_stage", "label"), [("download", "正在下载模型权重"), ("convert", "正在转换模型格式"),
+                                                      ("quantize", "4-bit AWQ 量化"), ("check", "正在校验量化模型"),
+                                                      ("wait", "等待中")])
+def test_preparer_stage_names_show_as_chinese_labels(prepare_stage: str, label: str) -> None:
+    """legal_eagle.prepare reports download/convert/quantize/check/wait; the page must show its words."""
+    service = ModelService(lambda progress: FakeEngine(), name="t")
+    service.report(prepare_stage, 0.25, "detail")
+    described = service.status().describe()
+    assert label in described and prepare_stage + " ·" not in described
