@@ -14,9 +14,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from legal_eagle.citations import StatuteBase
-from legal_eagle.config import Settings
+from legal_eagle.config import Settings, configure_logging
 from legal_eagle.errors import LegalEagleError
-from legal_eagle.loader import load_engine
+from legal_eagle.loader import Checkpoints, comparison_provider, load_engine
 from legal_eagle.prompts import load_prompts
 from legal_eagle.service import ModelService
 from legal_eagle.ui.app import build_app, launch_kwargs
@@ -37,19 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"配置错误 / invalid setting: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service = ModelService(lambda progress: load_engine(settings, progress), name="chat")
+    configure_logging(settings.log_level)
+    checkpoints = Checkpoints()  # the 4-bit and fp16 directories, once prepared (for the comparison tab)
+    service = ModelService(lambda progress: load_engine(settings, progress, checkpoints), name="chat")
+    comparison = comparison_provider(settings, service, checkpoints)
     service.start()
     with ThreadPoolExecutor(1, thread_name_prefix="statutes") as pool:  # index built once, ~20 s, off the page
         statutes = pool.submit(StatuteBase.open, settings.laws_path, settings.cache_path / "citations")
         statutes.add_done_callback(_log_statute_failure)
-        demo = build_app(service, settings, prompts, statutes)
+        demo = build_app(service, settings, prompts, statutes, comparison)
         try:
             demo.launch(**launch_kwargs(settings, {"chat": service}))  # type: ignore[arg-type]
         except LegalEagleError as exc:
             print(exc.user_message, file=sys.stderr)
             return 1
         finally:
+            close = getattr(comparison, "close", None)
+            if close is not None:
+                close()  # the fp16 engine, if loaded
             service.close()
     return 0
 

@@ -55,6 +55,30 @@ class EngineProvider(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class UnavailableProvider:
+    """No fp16 engine on this run (no TurboMind, remote backend, fp16-only model): says why, in Chinese."""
+
+    reason: str
+
+    @property
+    def plan(self) -> Plan:
+        """An "unavailable" plan carrying the reason."""
+        return Plan("unavailable", self.reason)
+
+    @contextmanager
+    def acquire(self, progress: Progress | None = None) -> Iterator[Engine]:
+        """Always refuses with the reason."""
+        from legal_eagle.errors import GpuMemoryError
+
+        raise GpuMemoryError(self.reason, "comparison unavailable on this run")
+        yield  # pragma: no cover (makes this a generator)
+
+    def held_bytes(self) -> int | None:
+        """Nothing is loaded."""
+        return None
+
+
 @dataclass
 class FakeProvider:
     """A provider for tests and CPU runs: hands out ``engine``, counting loads like a time-shared one.

@@ -8,6 +8,7 @@ default. ``python app.py --help`` lists them all.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -259,3 +260,19 @@ def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
             raise ValueError(f"auth user {user!r} is given twice")
         pairs.append((user, password))
     return pairs
+
+
+class _AppLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr handler of the app's log.
+
+    A subclass on purpose: LMDeploy's ``get_logger`` sets every root handler whose type *is*
+    ``logging.StreamHandler`` to ERROR (to avoid duplicate lines), which silenced all of the
+    app's INFO progress from the first ``lmdeploy`` import on (first-start AWQ, loading).
+    """
+
+
+def configure_logging(level: str) -> None:
+    """The app's log: ``level`` and up, to stderr, immune to LMDeploy's handler muting."""
+    handler = _AppLogHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)

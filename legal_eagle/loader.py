@@ -9,22 +9,45 @@ its reporting callback, so every stage shows on the page and in the log.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
+from legal_eagle.compare import EngineProvider, FakeProvider, UnavailableProvider
 from legal_eagle.config import Settings
 from legal_eagle.engines import resolve_backend
 from legal_eagle.engines.base import Engine
-from legal_eagle.service import ProgressFn
+from legal_eagle.planner import Plan
+from legal_eagle.service import ModelService, ProgressFn
 
 log = logging.getLogger(__name__)
 
 
-def load_engine(settings: Settings, progress: ProgressFn) -> Engine:
+class Checkpoints:
+    """The prepared 4-bit and fp16 directories, once known: ``load_engine`` sets, the comparison reads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dirs: tuple[Path, Path] | None = None
+
+    def set(self, awq_dir: Path, fp16_dir: Path) -> None:
+        """Record the directories the chat engine (4-bit) and a comparison (fp16) load."""
+        with self._lock:
+            self._dirs = (Path(awq_dir), Path(fp16_dir))
+
+    def get(self) -> tuple[Path, Path] | None:
+        """``(awq_dir, fp16_dir)``, or None before the model is prepared."""
+        with self._lock:
+            return self._dirs
+
+
+def load_engine(settings: Settings, progress: ProgressFn, checkpoints: Checkpoints | None = None) -> Engine:
     """Prepare and load the chat engine the settings ask for.
 
     Args:
         settings: the run's settings (model source, format, backend, engine sizes).
         progress: ``(stage, fraction, detail)`` callback for the start page.
+        checkpoints: filled with the 4-bit and fp16 directories for the comparison tab; the
+            chat engine's KV-cache share is then planned so that the fp16 engine can fit too.
 
     Returns:
         The loaded engine.
@@ -66,11 +89,15 @@ def load_engine(settings: Settings, progress: ProgressFn) -> Engine:
     if backend == "turbomind":
         from legal_eagle.engines.turbomind import TurbomindEngine
 
+        share = settings.cache_max_entry_count
+        if checkpoints is not None and model_format == "awq" and prepared.fp16_path != prepared.path_for_engine:
+            checkpoints.set(prepared.path_for_engine, prepared.fp16_path)
+            share = _chat_share(prepared.path_for_engine, prepared.fp16_path, share)
         return TurbomindEngine.load(
             Path(prepared.path),
             model_format=model_format,  # type: ignore[arg-type]
             session_len=settings.session_len,
-            cache_max_entry_count=settings.cache_max_entry_count,
+            cache_max_entry_count=share,
             quant_policy=settings.quant_policy,  # type: ignore[arg-type]
             max_batch_size=settings.max_batch_size,
             tp=settings.tp,
@@ -81,6 +108,54 @@ def load_engine(settings: Settings, progress: ProgressFn) -> Engine:
 
     return TransformersEngine.load(Path(prepared.path), context_len=settings.session_len,
                                    name=_display_name(settings, "hf"))
+
+
+def _chat_share(awq_dir: Path, fp16_dir: Path, wanted: float) -> float:
+    """The chat engine's KV-cache share: what the comparison plan leaves, never more than asked for."""
+    from legal_eagle.planner import plan_before_chat_load
+
+    try:
+        plan = plan_before_chat_load(awq_dir, fp16_dir, wanted)
+    except (OSError, ValueError) as exc:  # unreadable sizes: the chat engine comes first
+        log.warning("comparison plan failed before loading (%s): chat KV share stays %.2f", exc, wanted)
+        return wanted
+    share = min(wanted, plan.chat_cache_share) if plan.chat_cache_share is not None else wanted
+    log.info("comparison plan: %s; chat engine KV-cache share %.3f (asked %.2f)", plan.mode, share, wanted)
+    return share
+
+
+def comparison_provider(settings: Settings, service: ModelService, checkpoints: Checkpoints) -> EngineProvider:
+    """Where the comparison tab gets its fp16 engine on this run (the 4-bit one is the chat's).
+
+    Args:
+        settings: the run's settings (backend and format decide what can be compared).
+        service: the chat engine's service (the plan needs to know whether it is loaded).
+        checkpoints: filled by ``load_engine`` once the model is prepared.
+
+    Returns:
+        A memory-planned TurboMind provider for the 4-bit TurboMind run, scripted engines for
+        ``--backend fake``, and otherwise a provider that says why no comparison is possible.
+    """
+    backend = resolve_backend(settings.backend)
+    if backend == "fake":
+        from legal_eagle.engines.fake import FakeEngine
+
+        stand_in = FakeEngine(context_len=settings.session_len, name="scripted fp16 stand-in (not a model)")
+        scripted = Plan("both-resident", "模拟引擎（--backend fake）：两边都是脚本化的测试文本，不是模型。")
+        return FakeProvider(stand_in, plan_value=scripted)
+    if backend == "turbomind" and settings.model_format == "awq":
+        from legal_eagle.planner import turbomind_provider
+
+        return turbomind_provider(checkpoints.get, lambda: service.status().ready, session_len=settings.session_len,
+                                  quant_policy=settings.quant_policy)
+    reasons = {
+        "transformers": "fp16 与 4-bit 对比需要 NVIDIA GPU 上的 LMDeploy TurboMind；本机用 transformers 引擎，"
+                        "没有 4-bit 模型可比。聊天功能不受影响。",
+        "remote": "远程推理模式（--backend remote）下本进程不加载模型，无法对比；"
+                  "请在推理服务所在的 GPU 机器上运行对比。",
+        "turbomind": "当前以 fp16 运行（--model-format hf），没有 4-bit 模型可比；用 --model-format awq 启动即可对比。",
+    }
+    return UnavailableProvider(reasons[backend])
 
 
 def _display_name(settings: Settings, model_format: str) -> str:

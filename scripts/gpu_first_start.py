@@ -76,6 +76,14 @@ def follow(proc: subprocess.Popen[bytes], port: int, limit_s: float) -> tuple[li
     raise TimeoutError(f"not ready after {limit_s} s")
 
 
+def _text(message: dict[str, Any]) -> str:
+    """A chatbot message's text (Gradio 6 sends content as a list of {"text": ...} parts)."""
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return str(content)
+
+
 def converse(port: int) -> list[dict[str, Any]]:
     """Two turns through gradio_client; client-side first-token time and the app's own figures."""
     from gradio_client import Client
@@ -86,19 +94,42 @@ def converse(port: int) -> list[dict[str, Any]]:
         sent = time.monotonic()
         job = client.submit(question, "您是一个专业的律师。", 0.7, 0.8, 256, 1.005, True, api_name="/chat")
         first = None
+        updates: list[tuple[float, int]] = []  # (seconds since sent, characters of the answer so far)
         for update in job:
             chat = update[0]
-            if first is None and len(chat) >= 2 and chat[-1].get("content"):
-                first = time.monotonic() - sent
+            now = time.monotonic() - sent
+            answer = _text(chat[-1]) if len(chat) >= 2 and chat[-1].get("role") == "assistant" else ""
+            updates.append((round(now, 3), len(answer)))
+            if first is None and answer:
+                first = now
         chat, _, status = job.outputs()[-1]
         total = time.monotonic() - sent
         tokens = int(re.search(r"(\d+) tokens", status).group(1))  # type: ignore[union-attr]
         rate = re.search(r"([\d.]+) tokens/s", status)
         turns.append({"question": question, "client_ttft_s": round(first or total, 3), "total_s": round(total, 2),
                       "tokens": tokens, "app_tok_s": float(rate.group(1)) if rate else None, "status": status,
-                      "answer_head": str(chat[-1]["content"])[:80]})
+                      "answer_head": _text(chat[-1])[:80], "updates": len(updates),
+                      "first_updates": updates[:5], "last_updates": updates[-3:]})
         print(f"turn: {turns[-1]}", flush=True)
     return turns
+
+
+def compare(port: int) -> dict[str, Any]:
+    """The comparison tab through gradio_client: plan, then one greedy sequential fp16 vs 4-bit comparison."""
+    from gradio_client import Client
+
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    plan = client.predict(api_name="/compare_plan")
+    print(f"compare plan: {plan}", flush=True)
+    if "不可用" in plan:  # e.g. the --tiny CPU dry run: the tab refuses, with this reason
+        return {"plan": plan}
+    sent = time.monotonic()
+    out = client.submit(QUESTIONS[0], api_name="/compare", max_new_tokens=256).result()
+    result = {"plan": plan, "seconds": round(time.monotonic() - sent, 1), "fp16_figures": out[2],
+              "awq_figures": out[3], "agreement": out[4], "status": out[7],
+              "fp16_head": _text(out[0][-1])[:60], "awq_head": _text(out[1][-1])[:60]}
+    print(f"compare: {json.dumps(result, ensure_ascii=False)}", flush=True)
+    return result
 
 
 def gpu_memory(pid: int) -> int | None:
@@ -150,6 +181,9 @@ def main() -> int:
             turns = converse(args.port)
             result[run] = {"ready_s": round(ready_s, 1), "timeline": timeline, "turns": turns,
                            "gpu_memory_bytes": gpu_memory(proc.pid)}
+            if run == "second":  # the fp16 vs 4-bit tab of the same running app
+                result[run]["compare"] = compare(args.port)
+                result[run]["gpu_memory_after_compare_bytes"] = gpu_memory(proc.pid)
         finally:
             stop(proc)
         manifests = sorted(cache.glob("*/quant_manifest.json"))

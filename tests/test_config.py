@@ -111,3 +111,19 @@ def test_loader_hands_calibration_and_threshold_to_prepare(monkeypatch, tmp_path
     with pytest.raises(RuntimeError, match="stop here"):
         loader.load_engine(settings, lambda *a: None)
     assert seen["calib"].source == "none" and seen["min_agreement"] == 0.0
+
+
+def test_app_log_survives_lmdeploy_muting_root_handlers(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from lmdeploy.utils import get_logger
+
+    from legal_eagle.config import configure_logging
+
+    try:
+        configure_logging("INFO")
+        get_logger("lmdeploy_test_logger_mutes_root")  # sets plain root StreamHandlers to ERROR
+        logging.getLogger("legal_eagle.test").info("still heard after lmdeploy")
+        assert "still heard after lmdeploy" in capsys.readouterr().err
+    finally:
+        logging.basicConfig(force=True, handlers=[logging.NullHandler()])

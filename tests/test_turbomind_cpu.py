@@ -317,7 +317,7 @@ def test_engine_close_aborts_running_streams_and_closes_pipeline() -> None:
 def test_generation_kwargs_greedy_and_sampling() -> None:
     greedy = tm.generation_kwargs(SamplingParams(greedy=True, max_new_tokens=7), [92542, 2])
     assert greedy == {"max_new_tokens": 7, "do_sample": False, "stop_token_ids": [92542, 2],
-                      "skip_special_tokens": True}
+                      "skip_special_tokens": True, "random_seed": 0}
     sample = tm.generation_kwargs(SamplingParams(temperature=0.7, top_p=0.8, repetition_penalty=1.005,
                                                  seed=42), [92542])
     assert sample["do_sample"] is True and sample["temperature"] == 0.7 and sample["top_p"] == 0.8

@@ -67,7 +67,9 @@ def generation_kwargs(params: SamplingParams, stop_ids: Sequence[int]) -> dict[s
 
     Greedy (or temperature 0) turns sampling off; LMDeploy then decodes with top_k=1 and
     ignores temperature, top_p and repetition_penalty. ``top_k`` keeps LMDeploy's default
-    (50, as in Hugging Face ``generate``).
+    (50, as in Hugging Face ``generate``). Greedy runs still get a fixed ``random_seed`` (the
+    request's, else 0) so that TurboMind's sampling layer, which runs even at top_k=1, breaks
+    exact ties the same way each time: two greedy runs of one prompt must give one answer.
     """
     sample = not params.greedy and params.temperature > 0
     kwargs: dict[str, Any] = {
@@ -81,6 +83,8 @@ def generation_kwargs(params: SamplingParams, stop_ids: Sequence[int]) -> dict[s
                       repetition_penalty=params.repetition_penalty)
         if params.seed is not None:
             kwargs["random_seed"] = params.seed
+    else:
+        kwargs["random_seed"] = params.seed if params.seed is not None else 0
     return kwargs
 
 

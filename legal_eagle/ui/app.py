@@ -8,10 +8,12 @@ from concurrent.futures import Future
 import gradio as gr
 
 from legal_eagle.citations import StatuteBase
+from legal_eagle.compare import EngineProvider, UnavailableProvider
 from legal_eagle.config import Settings
 from legal_eagle.prompts import Prompts
 from legal_eagle.service import ModelService
 from legal_eagle.ui.chat_tab import ChatHandlers, build_chat_tab
+from legal_eagle.ui.compare_tab import CompareHandlers, build_compare_tab
 from legal_eagle.ui.health import health_routes, parse_auth
 from legal_eagle.ui.status_bar import build_status_bar
 
@@ -23,14 +25,17 @@ CSS = """
 
 
 def build_app(service: ModelService, settings: Settings, prompts: Prompts,
-              statutes: Future[StatuteBase | None] | None = None) -> gr.Blocks:
-    """Assemble the page.
+              statutes: Future[StatuteBase | None] | None = None,
+              comparison: EngineProvider | None = None) -> gr.Blocks:
+    """Assemble the page: the chat tab and the fp16 vs 4-bit comparison tab.
 
     Args:
-        service: the chat model's service (ready or still preparing).
+        service: the chat model's service (ready or still preparing); the 4-bit side of the comparison.
         settings: the run's settings.
         prompts: persona, disclaimer and examples.
         statutes: the statute base being opened in the background (None: citation features off).
+        comparison: hands out the fp16 engine (``loader.comparison_provider``); None: the tab says
+            that no comparison is set up on this run.
 
     Returns:
         The Blocks app with its queue configured; launch it with ``launch_kwargs()``.
@@ -39,8 +44,13 @@ def build_app(service: ModelService, settings: Settings, prompts: Prompts,
         gr.Markdown(f"# ⚖️ {TITLE}\n"
                     "基于 Legal-Eagle InternLM2-chat-7B（4-bit AWQ，LMDeploy TurboMind）的中文法律问答演示。")
         build_status_bar(service)
-        with gr.Tabs(), gr.Tab("法律咨询", id="chat"):
-            build_chat_tab(ChatHandlers(service=service, settings=settings, prompts=prompts, statutes=statutes))
+        with gr.Tabs():
+            with gr.Tab("法律咨询", id="chat"):
+                build_chat_tab(ChatHandlers(service=service, settings=settings, prompts=prompts, statutes=statutes))
+            with gr.Tab("fp16 与 4-bit 对比", id="compare"):
+                provider = comparison or UnavailableProvider("本次运行没有配置 fp16 对比模型。")
+                build_compare_tab(CompareHandlers(service=service, provider=provider, settings=settings,
+                                                  prompts=prompts))
     demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=settings.max_queue_size)
     return demo
 
