@@ -57,6 +57,20 @@ def clean_question(text: object, max_chars: int) -> str:
     return cleaned
 
 
+def clean_persona(text: object) -> str:
+    """Return the system prompt ready to send, or raise ``InputError`` when it is not text.
+
+    The persona comes from the page's settings or straight from the API: it is normalised to
+    NFC and loses invisible and control characters (newlines and tabs stay), including lone
+    surrogates, which tokenizers and UTF-8 files cannot take. Its length is bounded by the
+    context check (``trim_to_budget``).
+    """
+    if not isinstance(text, str):
+        raise InputError("系统提示必须是文字。", f"persona is {type(text).__name__}")
+    text = _INVISIBLE.sub("", unicodedata.normalize("NFC", text))
+    return "".join(c for c in text if c in "\n\t" or unicodedata.category(c)[0] != "C").strip()
+
+
 def neutralise_markers(text: str) -> str:
     """Make chat-template markers in user text harmless by turning their brackets full-width.
 

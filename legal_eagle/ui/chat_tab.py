@@ -22,7 +22,7 @@ import gradio as gr
 
 from legal_eagle.citations import MISSING_NOTICE, Article, StatuteBase, grounding_block, render_panel
 from legal_eagle.config import Settings
-from legal_eagle.conversation import build_messages, clean_question, trim_to_budget, validate_sampling
+from legal_eagle.conversation import build_messages, clean_persona, clean_question, trim_to_budget, validate_sampling
 from legal_eagle.engines.base import Message, SamplingParams
 from legal_eagle.errors import LegalEagleError
 from legal_eagle.export import export_meta, to_json, to_markdown
@@ -71,11 +71,12 @@ class ChatHandlers:
         """Answer a new question, streaming; errors become a Chinese message, input kept."""
         try:
             text = clean_question(question, self.settings.max_input_chars)
+            system = clean_persona(persona)
             params = self._params(temperature, top_p, max_new_tokens, repetition_penalty, greedy)
             engine = self.service.engine
         except LegalEagleError as exc:
             raise gr.Error(exc.user_message) from None
-        yield from self._answer(text, turns, persona, params, engine)
+        yield from self._answer(text, turns, system, params, engine)
 
     def regenerate(self, turns: Turns, persona: str, temperature: float, top_p: float,
                    max_new_tokens: int, repetition_penalty: float, greedy: bool) -> Iterator[Outputs]:
@@ -84,13 +85,14 @@ class ChatHandlers:
         if last_user is None:
             raise gr.Error("还没有可以重新生成的回答。")
         try:
+            system = clean_persona(persona)
             params = self._params(temperature, top_p, max_new_tokens, repetition_penalty, greedy)
             engine = self.service.engine
         except LegalEagleError as exc:
             raise gr.Error(exc.user_message) from None
         question = turns[last_user]["content"]
         del turns[last_user:]
-        yield from self._answer(question, turns, persona, params, engine)
+        yield from self._answer(question, turns, system, params, engine)
 
     def _params(self, temperature: float, top_p: float, max_new_tokens: int, repetition_penalty: float,
                 greedy: bool) -> SamplingParams:
@@ -180,6 +182,10 @@ class ChatHandlers:
         """Write the conversation as Markdown and JSON files for download."""
         if not turns:
             raise gr.Error("当前没有可导出的对话。")
+        try:
+            persona = clean_persona(persona)
+        except LegalEagleError as exc:
+            raise gr.Error(exc.user_message) from None
         engine = self.service.engine_or_none
         meta = export_meta(engine.info if engine else None, persona, self.prompts.disclaimer)
         folder = Path(tempfile.mkdtemp(prefix="legal-eagle-export-"))

@@ -1,0 +1,218 @@
+"""The reliability suite's load test against the real TurbomindEngine (tiny RANDOM checkpoint, one GPU).
+
+Run on the GPU machine with::
+
+    python3 -m pytest -q -s -m gpu tests/gpu/test_reliability_gpu.py
+
+It prints ``RELIABILITY | ... | tried= | held= | lost=`` lines for docs/reliability.md (GPU section).
+Skips itself where TurboMind's native module cannot load. Needs no network; about a minute.
+
+* 64 gradio_client conversations x 2 turns at once through the real Gradio app: all finish, each
+  request carries exactly its own conversation's history, TurboMind is idle afterwards.
+* Stop mid-answer through the app frees the TurboMind request (TurboMind's own view).
+* A KV cache too small for the load, in a child process (TurboMind aborts the whole process on
+  some memory failures): every request ends, completed or with a Chinese message, none hangs,
+  and the engine serves the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port, wait_for
+from test_reliability import PERSONA, base_url, check_load, conversations, converse_at_once, record
+
+from legal_eagle.config import Settings
+from legal_eagle.engines.base import Chunk, Message, SamplingParams
+
+
+def _turbomind_available() -> bool:
+    try:
+        from lmdeploy import turbomind
+    except Exception:
+        return False
+    return bool(turbomind.is_available())
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _turbomind_available(), reason="TurboMind needs an NVIDIA GPU"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+# TurboMind wants head_dim 128; sizes as in tests/gpu/test_turbomind_engine.py.
+SHAPE = {"hidden_size": 512, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 1024}
+ENGINE_OPTS = {"session_len": 2048, "cache_max_entry_count": 0.05, "quant_policy": 0, "max_batch_size": 16,
+               "tp": 1, "enable_prefix_caching": True}
+OK_STATUS = ("回答完成", "已达到最大生成长度")  # a random model may or may not stop by itself
+
+
+class Recording:
+    """Wraps an engine and records the messages of every ``stream`` call (what TurboMind is given)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.requests: list[list[Message]] = []
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    @property
+    def info(self) -> Any:
+        return self.engine.info
+
+    def stream(self, messages: Sequence[Message], params: SamplingParams) -> Iterator[Chunk]:
+        with self._lock:
+            self.requests.append([{"role": m["role"], "content": m["content"]} for m in messages])  # type: ignore[misc]
+        return self.engine.stream(messages, params)
+
+
+def _engine_idle(engine: Any) -> bool:
+    """TurboMind's own view: no request holds a handle and the scheduler has no sequence."""
+    core = engine._pipe.async_engine
+    metrics = core.engine.get_schedule_metrics()
+    return core.session_mgr.request_handle_pool.num_dispatched == 0 and metrics.active_seqs == 0
+
+
+@pytest.fixture(scope="module")
+def fp16_dir(tmp_path_factory: Any) -> Path:
+    from legal_eagle.tiny_model import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("rel") / "internlm2-fp16", device="cuda", **SHAPE)
+
+
+@pytest.fixture(scope="module")
+def turbomind(fp16_dir: Path) -> Any:
+    from legal_eagle.engines.turbomind import TurbomindEngine
+
+    engine = TurbomindEngine.load(fp16_dir, model_format="hf", name="tiny fp16", **ENGINE_OPTS)
+    yield engine
+    engine.close()
+
+
+def test_load_64_conversations_on_turbomind(launch: Any, settings: Settings, turbomind: Any) -> None:
+    n = 64
+    engine = Recording(turbomind)
+    app_settings = replace(settings, concurrency_limit=16, max_queue_size=128, port=free_port())
+    client = launch(engine, app_settings=app_settings)
+    peak, done = 0, threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, turbomind.active_generations())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    plan = conversations(n)
+    try:
+        results, elapsed = converse_at_once(base_url(client), plan, max_new_tokens=32, greedy=True)
+    finally:
+        done.set()
+        watcher.join(5)
+    with record("GPU load: 64 conversations x 2 turns (TurboMind)") as tally:
+        check_load(tally, plan, results, engine.requests, ok_status=OK_STATUS)
+        with tally.attempt("answers ran concurrently in TurboMind"):
+            assert 1 < peak <= app_settings.concurrency_limit, peak
+        with tally.attempt("TurboMind is idle afterwards"):
+            assert turbomind.active_generations() == 0
+            assert wait_for(lambda: _engine_idle(turbomind), 10)
+    print(f"GPU load: {2 * n} answers in {elapsed:.1f} s, peak {peak} at once")
+
+
+def test_stop_mid_answer_frees_the_turbomind_request(launch: Any, turbomind: Any, monkeypatch: Any) -> None:
+    from legal_eagle.engines import turbomind as tm
+
+    original = tm.generation_kwargs  # a random model must not end the answer before Stop
+    monkeypatch.setattr(tm, "generation_kwargs", lambda p, s: {**original(p, s), "ignore_eos": True,
+                                                               "min_new_tokens": p.max_new_tokens})
+    client = launch(turbomind)
+    with record("GPU Stop frees the TurboMind request") as tally:
+        for i in range(3):
+            with tally.attempt(f"Stop #{i + 1}"):
+                job = client.submit(f"请详细说明第{i}点", PERSONA, 0.7, 0.8, 1024, 1.0, True, api_name="/chat")
+                assert wait_for(lambda: turbomind.active_generations() == 1, 20)
+                time.sleep(0.2)
+                job.cancel()
+                assert wait_for(lambda: turbomind.active_generations() == 0, 10), "the stream was not closed"
+                assert wait_for(lambda: _engine_idle(turbomind), 10), "TurboMind still holds the request"
+        with tally.attempt("the next question is answered"):
+            monkeypatch.setattr(tm, "generation_kwargs", original)
+            _, _, status = client.predict("继续", PERSONA, 0.7, 0.8, 32, 1.0, True, api_name="/chat")
+            assert any(s in status for s in OK_STATUS), status
+
+
+KV_CHILD = r"""
+import json, os, sys, threading
+from pathlib import Path
+from legal_eagle.engines.base import SamplingParams
+from legal_eagle.engines.turbomind import TurbomindEngine
+from legal_eagle.errors import EngineError
+
+model_dir, share = Path(sys.argv[1]), float(sys.argv[2])
+engine = TurbomindEngine.load(model_dir, model_format="hf", session_len=2048, cache_max_entry_count=share,
+                              quant_policy=0, max_batch_size=8, tp=1, enable_prefix_caching=False)
+unit = "房东不退押金怎么办？"
+per_unit = engine.count_tokens([{"role": "user", "content": unit * 100}]) / 100
+long_prompt = [{"role": "user", "content": unit * int(1500 / per_unit)}]  # about 1500 of 2048 tokens each
+prompt_tokens = engine.count_tokens(long_prompt)
+outcomes = []
+
+def ask(i):
+    try:
+        chunks = list(engine.stream(long_prompt, SamplingParams(greedy=True, max_new_tokens=256)))
+        outcomes.append({"ok": True, "finish": chunks[-1].finish_reason})
+    except EngineError as exc:
+        outcomes.append({"ok": False, "message": exc.user_message, "detail": str(exc)})
+
+threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(90)
+hung = sum(t.is_alive() for t in threads)
+after = list(engine.stream([{"role": "user", "content": "你好"}], SamplingParams(greedy=True, max_new_tokens=8)))
+print(json.dumps({"outcomes": outcomes, "hung": hung, "active": engine.active_generations(), "prompt": prompt_tokens,
+                  "next_finish": after[-1].finish_reason}, ensure_ascii=False), flush=True)
+engine.close()
+os._exit(0)  # TurboMind can print "terminate called ... std::system_error" at interpreter exit (shared/gpu)
+"""
+
+
+def test_kv_cache_too_small_for_the_load(fp16_dir: Path) -> None:
+    """12 prompts of ~1500 tokens at once into a KV cache of 0.002% of free memory (~1-2k tokens here).
+
+    TurboMind may queue them (all complete) or fail a request it cannot admit (status 11,
+    OUT_OF_MEMORY, which the app shows as MSG_GENERATE). Either way nothing may hang or crash.
+    """
+    import re
+
+    done = subprocess.run([sys.executable, "-c", KV_CHILD, str(fp16_dir), "0.00002"], cwd=REPO,
+                          capture_output=True, text=True, timeout=240, check=False)
+    with record("GPU KV cache too small for the load") as tally:
+        with tally.attempt("the process survives (no TurboMind abort)"):
+            assert done.returncode == 0, f"rc {done.returncode}: {done.stderr[-3000:]}"
+        if done.returncode != 0:
+            return
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        for i, outcome in enumerate(report["outcomes"]):
+            with tally.attempt(f"request {i:02d}: {'completed' if outcome['ok'] else 'refused'}"):
+                if not outcome["ok"]:
+                    assert re.search(r"[\u4e00-\u9fff]", outcome["message"]), outcome
+        with tally.attempt("no request hung, every slot was given back, the next request is served"):
+            assert report["hung"] == 0 and len(report["outcomes"]) == 12
+            assert report["active"] == 0 and report["next_finish"] in ("stop", "length")
+        refused = [o for o in report["outcomes"] if not o["ok"]]
+        print(f"GPU KV: {len(report['outcomes']) - len(refused)} completed, {len(refused)} refused "
+              f"({sorted({o['message'] for o in refused})})")
