@@ -30,7 +30,26 @@ def text_of(content: Any) -> str:
     return str(content)
 
 
+def test_status_times_the_first_token_even_when_it_shows_no_text(settings: Any) -> None:
+    """Special tokens (or half a UTF-8 character) carry no text: 首字 and tokens/s still count from
+    the first token, as the compare tab and the benchmark do, not from the first visible character."""
+    from legal_eagle.engines.base import Chunk
+    from legal_eagle.prompts import load_prompts
+    from legal_eagle.ui.chat_tab import ChatHandlers
 
+    class Silent(FakeEngine):
+        def _generate(self, call: Any) -> Any:
+            for n in range(1, 11):
+                time.sleep(0.03)
+                yield Chunk(text="答" if n == 10 else "", n_tokens=n, finish_reason="stop" if n == 10 else None)
+
+    handlers = ChatHandlers(ModelService.ready_with(Silent()), settings, load_prompts(), None)
+    *_, (_, _, _, status) = handlers.respond("问题", [], PERSONA, 0.7, 0.8, 64, 1.0, True)
+    ttft_ms = float(status.split("首字 ")[1].split(" ms")[0])
+    rate = float(status.split(" · ")[-1].split(" tokens/s")[0])
+    assert "回答完成 · 10 tokens" in status
+    assert ttft_ms < 200, status  # the first token came after ~30 ms; the visible 答 only after ~300 ms
+    assert 10 < rate < 60, status  # 9 tokens over ~270 ms (~33/s), not 9 tokens over the last few ms
 
 
 def test_two_turn_conversation_keeps_history(launch: Any) -> None:

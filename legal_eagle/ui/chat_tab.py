@@ -26,6 +26,7 @@ from legal_eagle.conversation import build_messages, clean_persona, clean_questi
 from legal_eagle.engines.base import Message, SamplingParams
 from legal_eagle.errors import LegalEagleError
 from legal_eagle.export import export_meta, to_json, to_markdown
+from legal_eagle.metrics import StreamTimer
 from legal_eagle.prompts import Prompts
 from legal_eagle.service import ModelService
 from legal_eagle.ui.widgets import CheckedSlider
@@ -122,17 +123,15 @@ class ChatHandlers:
         answer: dict[str, Any] = {"role": "assistant", "content": ""}
         grounded = [asdict(a) for a in sources]
         turns += [{"role": "user", "content": question}, answer]
-        started = time.monotonic()
-        first: float | None = None
+        timer = StreamTimer()
         tokens, reason, last_yield = 0, "abort", 0.0
         yield self._outputs(turns, "", f"正在生成… {notice}")
         try:
             with closing(engine.stream(trimmed.messages, params)) as stream:
                 for chunk in stream:
-                    if chunk.text:
-                        first = first or time.monotonic()
-                        answer["content"] += chunk.text
+                    answer["content"] += chunk.text
                     tokens = chunk.n_tokens
+                    timer.record(tokens)
                     answer["meta"] = self._meta(engine, params, tokens, chunk.finish_reason or "streaming",
                                                 trimmed.dropped_turns, grounded)
                     if chunk.finish_reason:
@@ -148,8 +147,9 @@ class ChatHandlers:
             reason = "error"
             answer["content"] += "\n\n⚠️ 模型生成时出现内部错误，请重试。"
             log.exception("generation failed: %s", type(exc).__name__)
+        timer.finish()
         answer["meta"] = self._meta(engine, params, tokens, reason, trimmed.dropped_turns, grounded)
-        yield self._outputs(turns, "", self._summary(tokens, reason, started, first, notice))
+        yield self._outputs(turns, "", self._summary(tokens, reason, timer, notice))
 
     def _meta(self, engine: Any, params: SamplingParams, tokens: int, reason: str, dropped: int,
               sources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -158,16 +158,15 @@ class ChatHandlers:
                 "dropped_messages": dropped, "sources": sources}
 
     @staticmethod
-    def _summary(tokens: int, reason: str, started: float, first: float | None, notice: str) -> str:
-        """Status line after an answer: tokens, speed, why it ended."""
+    def _summary(tokens: int, reason: str, timer: StreamTimer, notice: str) -> str:
+        """Status line after an answer: tokens, why it ended, and the same figures as the compare tab
+        and the benchmark (first token = the first chunk carrying tokens; speed = tokens after it)."""
         reasons = {"stop": "回答完成", "length": "已达到最大生成长度", "abort": "已停止", "error": "生成出错"}
         line = f"{reasons.get(reason, reason)} · {tokens} tokens"
-        if first is not None:
-            ttft = first - started
-            decode = time.monotonic() - first
-            line += f" · 首字 {ttft * 1000:.0f} ms"
-            if tokens > 1 and decode > 0:
-                line += f" · {(tokens - 1) / decode:.1f} tokens/s"
+        if timer.ttft_s is not None:
+            line += f" · 首字 {timer.ttft_s * 1000:.0f} ms"
+        if timer.decode_tok_s is not None:
+            line += f" · {timer.decode_tok_s:.1f} tokens/s"
         return f"{line} {notice}".strip()
 
     @staticmethod
