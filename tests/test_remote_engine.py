@@ -420,14 +420,15 @@ def _turbomind_available() -> bool:
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not _turbomind_available(), reason="needs TurboMind and an NVIDIA GPU")
-def test_real_api_server_on_gpu(tmp_path: Any) -> None:
+def test_real_api_server_on_gpu(tmp_path: Any, launch: Any) -> None:
     """A real ``lmdeploy serve api_server`` (``--tp $LE_TEST_TP``, default 1) driven by RemoteEngine.
 
     Model: ``$LE_TEST_REMOTE_MODEL_DIR`` (e.g. the app's 4-bit folder) or a small random Llama-format
     checkpoint with InternLM2's tokenizer and chat template. Checks: model discovery, streaming,
     greedy determinism, that the server's template rendering gives the same prompt as
-    ``chat_template.render_ids`` (same greedy output from messages and from token ids), and that
-    closing a stream frees the server's only batch slot at once.
+    ``chat_template.render_ids`` (same greedy output from messages and from token ids), that
+    closing a stream frees the server's only batch slot at once, and a two-turn conversation through
+    the app's page (gradio_client) served by that api_server.
     """
     from legal_eagle.tiny_model import build_tiny_checkpoint
 
@@ -461,11 +462,11 @@ def test_real_api_server_on_gpu(tmp_path: Any) -> None:
         assert engine.model == "le-test"
         greedy = SamplingParams(max_new_tokens=48, greedy=True)
         first = list(engine.stream(MESSAGES, greedy))
-        text = "".join(c.text for c in first)
+        text = _visible(first)
         assert first[-1].finish_reason == "length" and first[-1].n_tokens == 48 and text
-        assert "".join(c.text for c in engine.stream(MESSAGES, greedy)) == text, "greedy is not deterministic"
+        assert _visible(engine.stream(MESSAGES, greedy)) == text, "greedy is not deterministic"
         by_ids = RemoteEngine.connect(url, tokenizer_dir=model_dir, send_token_ids=True, extra_body=fixed)
-        assert "".join(c.text for c in by_ids.stream(MESSAGES, greedy)) == text, \
+        assert _visible(by_ids.stream(MESSAGES, greedy)) == text, \
             "server-rendered chat template differs from chat_template.render_ids"
         started = time.monotonic()
         list(engine.stream(MESSAGES, SamplingParams(max_new_tokens=8, greedy=True)))
@@ -479,14 +480,30 @@ def test_real_api_server_on_gpu(tmp_path: Any) -> None:
         after_s = time.monotonic() - started
         assert after[-1].finish_reason is not None
         assert after_s < short_s + 3.0, f"the closed stream kept the only slot busy ({after_s:.1f} s)"
+        client = launch(engine)  # the app's page in front of the api_server, driven as a browser would
+        turns = []
+        for question in ("公司拖欠工资三个月怎么办？", "那经济补偿怎么算？"):
+            job = client.submit(question, "您是一个专业的律师。", 0.7, 0.8, 64, 1.0, True, api_name="/chat")
+            updates = list(job)
+            chat, _, status = job.outputs()[-1]
+            assert "已达到最大生成长度 · 64 tokens" in status, status
+            assert [m["role"] for m in chat] == ["user", "assistant"] * (len(turns) + 1)
+            turns.append({"updates": len(updates), "status": status})
         print(json.dumps({"tp": tp, "model_format": fmt, "greedy_tokens": first[-1].n_tokens,
-                          "short_request_s": round(short_s, 3), "after_abort_s": round(after_s, 3)}))
+                          "short_request_s": round(short_s, 3), "after_abort_s": round(after_s, 3),
+                          "app_turns": turns}, ensure_ascii=False))
     finally:
         proc.terminate()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _visible(chunks: Any) -> str:
+    """Streamed text without U+FFFD: a random model's invalid UTF-8 bytes decode to a number of
+    replacement characters that depends on where the chunks split; the tokens are the same."""
+    return "".join(c.text for c in chunks).replace("\ufffd", "")
 
 
 def test_app_settings_select_the_remote_backend(server: tuple[str, ServerState], state: ServerState) -> None:

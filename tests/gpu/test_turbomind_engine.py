@@ -57,6 +57,13 @@ def _run(engine: Any, messages: Any, params: SamplingParams) -> list[Chunk]:
     return list(engine.stream(messages, params))
 
 
+def _text(chunks: list[Chunk]) -> str:
+    """The answer's text without U+FFFD. A random model emits invalid UTF-8 byte tokens, and how many
+    replacement characters the incremental detokenizer writes for them depends on where the stream's
+    chunks happened to split (seen on the H200: same tokens, one U+FFFD more); real text is unaffected."""
+    return "".join(c.text for c in chunks).replace("\ufffd", "")
+
+
 def _no_eos(monkeypatch: Any) -> None:
     """Make TurboMind ignore stop tokens so a random model cannot end an answer early."""
     from legal_eagle.engines import turbomind as tm
@@ -98,15 +105,17 @@ def test_natural_finish_reason(engine: Any) -> None:
 def test_greedy_is_deterministic(engine: Any, monkeypatch: Any) -> None:
     _no_eos(monkeypatch)
     first, second = _run(engine, PROMPT, GREEDY), _run(engine, PROMPT, GREEDY)
-    assert "".join(c.text for c in first) == "".join(c.text for c in second)
+    assert _text(first) == _text(second) and len(_text(first)) >= 4
     assert first[-1].n_tokens == second[-1].n_tokens == 24
 
 
 def test_seeded_sampling_is_repeatable(engine: Any, monkeypatch: Any) -> None:
     _no_eos(monkeypatch)
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_new_tokens=24)
-    assert "".join(c.text for c in _run(engine, PROMPT, params)) == "".join(
-        c.text for c in _run(engine, PROMPT, params))
+    first = _text(_run(engine, PROMPT, params))
+    assert first == _text(_run(engine, PROMPT, params)) and len(first) >= 4
+    assert first != _text(_run(engine, PROMPT, SamplingParams(temperature=1.0, top_p=0.95, seed=99,
+                                                              max_new_tokens=24))), "the seed is not used"
 
 
 def test_closing_the_stream_aborts_and_engine_serves_next(engine: Any, monkeypatch: Any) -> None:
