@@ -2,24 +2,39 @@
 # The GPU proof session, cut into steps that each fit one 10-minute device call.
 # On the GPU machine, from the repo root, after `bash .gpu/install.sh` (../shared/gpu/README.md):
 #   bash scripts/gpu_session.sh a    # GPU tests: TurboMind engine, InternLM2 reader == converted Llama, AWQ on CUDA
+#   bash scripts/gpu_session.sh t    # greedy/seeded, GPU reliability suite, remote engine vs a real api_server (+ the
+#                                    # app page); meanwhile the bench makes random 7B fp16 + data-free AWQ copies for b and c
 #   bash scripts/gpu_session.sh f    # greedy determinism check, then f1 and f2 in one call (with the compare tab)
 #   bash scripts/gpu_session.sh f1   # python app.py first start on a random 7B InternLM2 checkpoint (convert, AWQ, load, chat)
 #   bash scripts/gpu_session.sh f2   # the second start (must reuse the 4-bit copy) and the table
 #   bash scripts/gpu_session.sh b    # fp16 vs 4-bit: the compare tab at 24 GB free and on the full GPU
 #   bash scripts/gpu_session.sh c    # python -m legal_eagle.bench (raw vs app, prefix caching, KV in 8 GB)
-# b and c use the fp16 and 4-bit copies that f1 left in /root/le/cache.
+# b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
 # Logs go to /tmp/L/<step> and come back as $OUT/logs_<step>.tgz (the device returns at most 8 files).
 set -uo pipefail
-step=${1:?step a, f, f1, f2, b or c}
+step=${1:?step a, t, f, f1, f2, b or c}
 . /opt/lmd/env.sh
 export TM_COMM_NVLS_ENABLE=0 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 L=/tmp/L/$step; mkdir -p "$L"; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 trap 'tar czf "$OUT/logs_$step.tgz" -C "$L" .' EXIT
 W=/root/le; FS=/tmp/L/first_start; mkdir -p "$FS"
-fp16=$(ls -d $W/cache/*-llama 2>/dev/null | head -1); awq=$(ls -d $W/cache/*-awq* 2>/dev/null | head -1)
+B=$W/bench; R7=$W/random-internlm2-7b
+if [ -f $B/awq/config.json ]; then fp16=$B/llama; awq=$B/awq
+else fp16=$(ls -d $W/cache/*-llama 2>/dev/null | head -1); awq=$(ls -d $W/cache/*-awq* 2>/dev/null | head -1); fi
 case $step in
 a) timeout 330 python3 -m pytest -q -rs -m "gpu and not slow" tests/gpu -p no:cacheprovider -o timeout=300 2>&1 \
      | tee "$L/pytest_gpu.log" | tail -25 ;;
+t) python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
+     --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1 &   # random 7B, Llama conversion, data-free AWQ
+   mk=$!
+   timeout 60 python3 -m pytest -q -rs -m gpu tests/gpu/test_turbomind_engine.py -k "greedy or seeded" \
+     -p no:cacheprovider 2>&1 | tee "$L/pytest_greedy.log" | tail -5
+   timeout 200 python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py -p no:cacheprovider 2>&1 \
+     | tee "$L/pytest_reliability.log" | grep -E "RELIABILITY|GPU |passed|failed|Error" | tail -30
+   timeout 150 python3 -m pytest -q -s -rs -m gpu tests/test_remote_engine.py -k real_api_server \
+     -p no:cacheprovider 2>&1 | tee "$L/pytest_remote.log" | grep -E '^\{|passed|failed|Error' | tail -10
+   timeout 100 tail --pid=$mk -f /dev/null; kill $mk 2>/dev/null
+   tail -5 "$L/bench_make.log"; ls $B $B/awq; du -sh $R7 $B/llama $B/awq ;;
 f) timeout 100 python3 -m pytest -q -rs -m gpu tests/gpu/test_turbomind_engine.py -k "greedy or seeded" \
      -p no:cacheprovider 2>&1 | tee "$L/pytest_greedy.log" | tail -5
    timeout 480 python3 scripts/gpu_first_start.py --work $W --out "$FS" --limit 300 2>&1 \
@@ -29,9 +44,9 @@ f1) timeout 570 python3 scripts/gpu_first_start.py --work $W --out "$FS" --runs 
 f2) timeout 300 python3 scripts/gpu_first_start.py --work $W --out "$FS" --runs second --limit 240 2>&1 \
      | tee "$L/second_start.log" | tail -30; cp -r "$FS" "$L/" ;;
 b) timeout 560 python3 scripts/gpu_compare.py --fp16 "$fp16" --awq "$awq" \
-     --out "$L/compare" --scenarios 24,full --timeout 120 2>&1 | tee "$L/compare.log" | tail -40 ;;
-c) timeout 560 python3 -m legal_eagle.bench --model-dir "$fp16" --awq-dir "$awq" \
-     --work-dir /tmp/bench --parts serve,prefix,kv8g --quick --json "$L/bench.json" --out "$L/benchmarks.md" 2>&1 \
+     --out "$L/compare" --scenarios 24,full --timeout 200 2>&1 | tee "$L/compare.log" | tail -40 ;;
+c) timeout 560 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
+     --work-dir $B --parts serve,prefix,kv8g,warm,fp16 --quick --json "$L/bench.json" --out "$L/benchmarks.md" 2>&1 \
      | tee "$L/bench.log" | tail -60 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
