@@ -123,6 +123,27 @@ def test_status_tokens_reads_the_chat_tabs_status_line() -> None:
     assert load.status_tokens(None) == 0
 
 
+def test_page_protocol_status_diffs() -> None:
+    status = load.apply_string_diff("", "正在生成… ")  # the first update carries the whole value
+    status = load.apply_string_diff(status, [["append", [], "1 tokens "]])
+    assert load.status_tokens(status) == 1
+    status = load.apply_string_diff(status, [["replace", [], "正在生成… 12 tokens "], ["append", [0], "x"]])
+    assert status == "正在生成… 12 tokens " and load.apply_string_diff(status, []) == status
+
+
+def test_page_request_reads_the_apps_event_stream(launch: Any) -> None:
+    """A page-protocol user against the real app: tokens from the status line, errors from the app."""
+    import httpx
+
+    client = launch(FakeEngine(script=long_answer, delay_s=0.002))
+    http = httpx.Client(timeout=30)
+    fn = load.chat_fn_index(http, client.src)
+    ok = load.page_request(http, client.src, fn, "公司拖欠工资怎么办？", "律师", SamplingParams(max_new_tokens=N))
+    assert ok.error is None and ok.n_tokens == N and ok.ttft_s is not None and ok.decode_tok_s
+    bad = load.page_request(http, client.src, fn, "   ", "律师", SamplingParams(max_new_tokens=N))
+    assert bad.n_tokens == 0 and bad.error and "问题" in bad.error  # the app's Chinese refusal
+
+
 def test_fixed_length_asks_for_exactly_max_new_tokens() -> None:
     kwargs = fixed_length_kwargs(SamplingParams(max_new_tokens=128, greedy=True), [2, 92542])
     assert kwargs["ignore_eos"] is True and kwargs["max_new_tokens"] == 128
@@ -154,6 +175,9 @@ def test_compare_raw_and_app_end_to_end_with_fake_engine() -> None:
         assert one["tokens"] == 2 * N and four["tokens"] == 4 * N
         assert 0 < one["ttft_ms_mean"] < 2000 and 50 < one["decode_tok_s_mean"] < 1000  # fake: ~200 tok/s
     assert out["app"]["4"]["ttft_ms_mean"] >= 0
+    page = out["page"]["1"]  # the page's own protocol, at 1 user only (the default page_levels)
+    assert set(out["page"]) == {"1"} and (page["requests"], page["errors"], page["tokens"]) == (2, 0, 2 * N)
+    assert 0 < page["ttft_ms_mean"] < 2000 and 50 < page["decode_tok_s_mean"] < 1000
     assert engine.peak_active >= 2  # the 4-user levels really ran streams at once (no timing needed)
     asked = [c.messages for c in engine.calls]
     assert all(m[0] == {"role": "system", "content": "律师"} for m in asked)
@@ -319,8 +343,10 @@ def test_serve_part_runs_every_side_with_the_apps_settings(fake_loaded: list[dic
     assert "pipe_error" in out  # a FakeEngine has no LMDeploy pipe under it
     assert out["long8"]["requests"] == 8 and out["long8"]["tokens"] == 64
     assert 280 <= out["long8_prompt_tokens"] <= 320
+    assert out["page"]["1"]["tokens"] == 2 * N and set(out["page"]) == {"1"}
     text = markdown.render_markdown({"serve_awq": out}, {"command": "x"})
-    assert "| 4-bit AWQ | app  | 2 " in text
+    assert "| 4-bit AWQ | app (gradio_client) | 2 " in text and "| 4-bit AWQ | app (page protocol) | 1 " in text
+    assert "page protocol: decode" in text  # target 1 also reports the page's figure
 
 
 def test_prefix_and_tune_parts(fake_loaded: list[dict[str, Any]]) -> None:

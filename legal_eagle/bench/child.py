@@ -74,10 +74,18 @@ def run_child(
 
 
 def process_consumers(
-    url: str, questions: Sequence[str], persona: str, params: SamplingParams, users: int, rounds: int
+    url: str,
+    questions: Sequence[str],
+    persona: str,
+    params: SamplingParams,
+    users: int,
+    rounds: int,
+    kind: str = "gradio",
 ) -> list[RequestResult]:
-    """The app's users as gradio_client clients in a child process (apart from the app's own GIL)."""
+    """The app's users in a child process (apart from the app's own GIL): gradio_client clients,
+    or with ``kind="page"`` clients that speak the web page's protocol (``load.page_request``)."""
     args = {
+        "kind": kind,
         "url": url,
         "questions": list(questions),
         "persona": persona,

@@ -5,11 +5,17 @@ same way (``Trace``: first output carrying tokens, then tokens per second after 
 side launches the real ``build_app`` page on a free port with the very engine object the raw
 side uses, and each user is its own ``gradio_client.Client`` (its own session),
 either as threads of this process or, for honest timings on the GPU, in a child process.
+
+gradio_client itself adds latency: it polls its message queue every 50 ms
+(``gradio_client.utils.stream_sse_v1plus``). So the app side is also measured the way the web
+page receives it (``page_request``: ``queue/join``, then the ``queue/data`` event stream, read as it
+arrives), which separates the app's cost from the client library's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import socket
@@ -19,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from typing import Any
+from uuid import uuid4
 
 from legal_eagle.bench.report import RequestResult, summarise
 from legal_eagle.config import Settings
@@ -182,6 +189,74 @@ def app_request(
     return trace.result(user, error)
 
 
+def chat_fn_index(http: Any, url: str) -> int:
+    """The index of the app's ``/chat`` event in the page's config (what the page sends as ``fn_index``)."""
+    deps = http.get(url.rstrip("/") + "/config").raise_for_status().json()["dependencies"]
+    return next(i for i, dep in enumerate(deps) if dep.get("api_name") == "chat")
+
+
+def apply_string_diff(current: str, update: Any) -> str:
+    """A string output after one streamed update: Gradio sends the whole value first, then diff ops
+    (``[["replace", [], "..."]]`` or ``[["append", [], "..."]]``)."""
+    if isinstance(update, str):
+        return update
+    for op, path, value in update or ():
+        if path:
+            continue
+        current = value if op == "replace" else current + value if op == "append" else current
+    return current
+
+
+def page_request(
+    http: Any, url: str, fn_index: int, question: str, persona: str, params: SamplingParams, user: int = 0
+) -> RequestResult:
+    """One answer the way the web page gets it: ``queue/join``, then the event stream as it arrives.
+
+    Timed like ``app_request``: each update's token count is read from the status line (output 3).
+    """
+    trace, session, status, error = Trace(), uuid4().hex[:11], "", None
+    base = url.rstrip("/") + "/gradio_api/queue"
+    data = [question, None, persona, params.temperature, params.top_p, params.max_new_tokens,
+            params.repetition_penalty, params.greedy]  # None: the session's own gr.State
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}
+    http.post(base + "/join", json=body).raise_for_status()
+    with http.stream("GET", base + "/data", params={"session_hash": session}) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            msg = json.loads(line[5:])
+            if msg.get("msg") not in ("process_generating", "process_completed"):
+                continue
+            output = msg.get("output") or {}
+            if not msg.get("success", True) or output.get("error"):
+                error = str(output.get("error") or "the app reported a failure")
+                break
+            status = apply_string_diff(status, output["data"][3])
+            trace.record(status_tokens(status))
+            if msg["msg"] == "process_completed":
+                break
+    return trace.result(user, error)
+
+
+def page_level_results(
+    url: str, questions: Sequence[str], persona: str, params: SamplingParams, users: int, rounds: int
+) -> list[RequestResult]:
+    """``users`` page-protocol users (one HTTP connection and session each) against the app at ``url``."""
+    import httpx
+
+    def make_user(index: int) -> Callable[[int], RequestResult]:
+        http = httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0))
+        fn_index = chat_fn_index(http, url)
+
+        def request(round_: int) -> RequestResult:
+            question = question_for(questions, index, round_)
+            return page_request(http, url, fn_index, question, persona, params, index)
+
+        return request
+
+    return run_users(make_user, users, rounds)
+
+
 def question_for(questions: Sequence[str], user: int, round_: int) -> str:
     """The question a user asks in a round (the same on both sides)."""
     return questions[(user + round_ * 7) % len(questions)]
@@ -249,6 +324,8 @@ def compare(
     rounds: dict[int, int],
     app: bool = True,
     consumers: ConsumerRunner = app_level_results,
+    page: ConsumerRunner | None = page_level_results,
+    page_levels: Sequence[int] = (1,),
 ) -> dict[str, Any]:
     """Raw engine and app side by side at each load level.
 
@@ -262,13 +339,17 @@ def compare(
         rounds: requests per user at each level (default 1).
         app: also measure the app (False: raw engine only).
         consumers: runs the app's users (threads here, or a child process on the GPU).
+        page: runs the app's users the way the web page talks to it (None: not measured).
+        page_levels: the levels at which ``page`` runs too.
 
     Returns:
-        ``{"raw": {users: summary}, "app": {users: summary}}`` with str keys (JSON-ready).
+        ``{"raw": {users: summary}, "app": {users: summary}, "page": {users: summary}}`` with str
+        keys (JSON-ready).
     """
     warm = replace(params, max_new_tokens=min(8, params.max_new_tokens))
     engine_request(engine, build_messages(persona, [], questions[0]), warm)
-    out: dict[str, Any] = {"raw": {}, **({"app": {}} if app else {})}
+    page = page if app else None
+    out: dict[str, Any] = {"raw": {}, **({"app": {}} if app else {}), **({"page": {}} if page else {})}
     with running_app(engine, settings) if app else contextlib.nullcontext("") as url:
         if app:
             consumers(url, questions, persona, warm, 1, 1)
@@ -281,6 +362,10 @@ def compare(
                 results = consumers(url, questions, persona, params, users, rounds.get(users, 1))
                 out["app"][str(users)] = summarise(results, users)
                 log.info("app %d users: %s", users, out["app"][str(users)])
+            if page is not None and users in page_levels:
+                results = page(url, questions, persona, params, users, rounds.get(users, 1))
+                out["page"][str(users)] = summarise(results, users)
+                log.info("page protocol %d users: %s", users, out["page"][str(users)])
     return out
 
 

@@ -26,16 +26,24 @@ def targets_table(targets: Sequence[Target]) -> str:
     return format_table(("#", "target", "goal", "measured", "ratio", "result"), rows)
 
 
+SIDES = {
+    "raw": "raw engine",
+    "pipe": "LMDeploy pipe",
+    "app": "app (gradio_client)",
+    "page": "app (page protocol)",
+}
+
+
 def serve_table(results: Mapping[str, Any]) -> str:
     """Raw engine vs app (and LMDeploy's own pipe) at each load level."""
     rows = []
     for part, label in (("serve_awq", "4-bit AWQ"), ("serve_hf", "fp16")):
-        for side in ("raw", "pipe", "app"):
+        for side in ("raw", "pipe", "app", "page"):
             for users, s in sorted((dig(results, part, side) or {}).items(), key=lambda kv: int(kv[0])):
                 rows.append(
                     (
                         label,
-                        side,
+                        SIDES.get(side, side),
                         users,
                         fmt(s.get("requests"), 0),
                         fmt(s.get("errors"), 0),

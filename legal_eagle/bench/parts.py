@@ -9,6 +9,7 @@ max_new_tokens).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import statistics
 import threading
@@ -213,7 +214,9 @@ def part_serve(args: Mapping[str, Any]) -> dict[str, Any]:
         "consumers": args.get("consumers", "process"),
     }
     params, qs = params_of(args), questions()
-    consumers = process_consumers if args.get("consumers", "process") == "process" else load.app_level_results
+    in_process = args.get("consumers", "process") != "process"
+    consumers = load.app_level_results if in_process else process_consumers
+    page = load.page_level_results if in_process else functools.partial(process_consumers, kind="page")
     with mem, fixed_length():
         result.update(
             load.compare(
@@ -226,6 +229,7 @@ def part_serve(args: Mapping[str, Any]) -> dict[str, Any]:
                 rounds=rounds,
                 app=bool(args.get("app", True)),
                 consumers=consumers,
+                page=page,
             )
         )
         if args.get("pipe"):
@@ -377,9 +381,10 @@ def part_tune(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def part_consumers(args: Mapping[str, Any]) -> dict[str, Any]:
-    """The app's users (gradio_client), run apart from the app's process."""
+    """The app's users (gradio_client, or the page's protocol), run apart from the app's process."""
     params = SamplingParams(**args["params"])
-    results: list[RequestResult] = load.app_level_results(
+    runner = load.page_level_results if args.get("kind") == "page" else load.app_level_results
+    results: list[RequestResult] = runner(
         args["url"], args["questions"], args["persona"], params, int(args["users"]), int(args["rounds"])
     )
     return {"results": [r.as_dict() for r in results]}
