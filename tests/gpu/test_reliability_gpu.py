@@ -28,29 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _turbomind import engine_idle, tiny_fp16, turbomind_available
 from conftest import free_port, wait_for
 from test_reliability import PERSONA, base_url, check_load, conversations, converse_at_once, record
 
 from legal_eagle.config import Settings
 from legal_eagle.engines.base import Chunk, Message, SamplingParams
 
-
-def _turbomind_available() -> bool:
-    try:
-        from lmdeploy import turbomind
-    except Exception:
-        return False
-    return bool(turbomind.is_available())
-
-
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _turbomind_available(), reason="TurboMind needs an NVIDIA GPU"),
+    pytest.mark.skipif(not turbomind_available(), reason="TurboMind needs an NVIDIA GPU"),
 ]
 
 REPO = Path(__file__).resolve().parents[2]
-# TurboMind wants head_dim 128; sizes as in tests/gpu/test_turbomind_engine.py.
-SHAPE = {"hidden_size": 512, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 1024}
 ENGINE_OPTS = {"session_len": 2048, "cache_max_entry_count": 0.05, "quant_policy": 0, "max_batch_size": 16,
                "tp": 1, "enable_prefix_caching": True}
 OK_STATUS = ("回答完成", "已达到最大生成长度")  # a random model may or may not stop by itself
@@ -77,18 +67,9 @@ class Recording:
         return self.engine.stream(messages, params)
 
 
-def _engine_idle(engine: Any) -> bool:
-    """TurboMind's own view: no request holds a handle and the scheduler has no sequence."""
-    core = engine._pipe.async_engine
-    metrics = core.engine.get_schedule_metrics()
-    return core.session_mgr.request_handle_pool.num_dispatched == 0 and metrics.active_seqs == 0
-
-
 @pytest.fixture(scope="module")
 def fp16_dir(tmp_path_factory: Any) -> Path:
-    from legal_eagle.tiny_model import build_tiny_checkpoint
-
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("rel") / "internlm2-fp16", device="cuda", **SHAPE)
+    return tiny_fp16(tmp_path_factory, "rel")
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +108,7 @@ def test_load_64_conversations_on_turbomind(launch: Any, settings: Settings, tur
             assert 1 < peak <= app_settings.concurrency_limit, peak
         with tally.attempt("TurboMind is idle afterwards"):
             assert turbomind.active_generations() == 0
-            assert wait_for(lambda: _engine_idle(turbomind), 10)
+            assert wait_for(lambda: engine_idle(turbomind), 10)
     print(f"GPU load: {2 * n} answers in {elapsed:.1f} s, peak {peak} at once")
 
 
@@ -146,7 +127,7 @@ def test_stop_mid_answer_frees_the_turbomind_request(launch: Any, turbomind: Any
                 time.sleep(0.2)
                 job.cancel()
                 assert wait_for(lambda: turbomind.active_generations() == 0, 10), "the stream was not closed"
-                assert wait_for(lambda: _engine_idle(turbomind), 10), "TurboMind still holds the request"
+                assert wait_for(lambda: engine_idle(turbomind), 10), "TurboMind still holds the request"
         with tally.attempt("the next question is answered"):
             monkeypatch.setattr(tm, "generation_kwargs", original)
             _, _, status = client.predict("继续", PERSONA, 0.7, 0.8, 32, 1.0, True, api_name="/chat")

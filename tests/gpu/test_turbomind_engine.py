@@ -11,25 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _turbomind import TINY_SHAPE, engine_idle, tiny_fp16, turbomind_available
 
 from legal_eagle.engines.base import Chunk, Engine, SamplingParams
 
-
-def _turbomind_available() -> bool:
-    try:
-        from lmdeploy import turbomind
-    except Exception:
-        return False
-    return bool(turbomind.is_available())
-
-
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _turbomind_available(), reason="TurboMind needs an NVIDIA GPU"),
+    pytest.mark.skipif(not turbomind_available(), reason="TurboMind needs an NVIDIA GPU"),
 ]
 
-# TurboMind wants head_dim 128 and sizes that are multiples of the AWQ group (128).
-SHAPE = {"hidden_size": 512, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 1024}
 ENGINE_OPTS = {"session_len": 2048, "cache_max_entry_count": 0.05, "quant_policy": 0, "max_batch_size": 4,
                "tp": 1, "enable_prefix_caching": True}
 PROMPT = [{"role": "system", "content": "您是一个专业的律师。"},
@@ -39,9 +29,7 @@ GREEDY = SamplingParams(greedy=True, max_new_tokens=24)
 
 @pytest.fixture(scope="module")
 def fp16_dir(tmp_path_factory: Any) -> Path:
-    from legal_eagle.tiny_model import build_tiny_checkpoint
-
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tm") / "internlm2-fp16", device="cuda", **SHAPE)
+    return tiny_fp16(tmp_path_factory, "tm")
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +59,6 @@ def _no_eos(monkeypatch: Any) -> None:
     original = tm.generation_kwargs
     monkeypatch.setattr(tm, "generation_kwargs", lambda p, s: {**original(p, s), "ignore_eos": True,
                                                                "min_new_tokens": p.max_new_tokens})
-
-
-def _engine_idle(engine: Any) -> bool:
-    """TurboMind's own view: no request holds a handle and the scheduler has no sequence."""
-    core = engine._pipe.async_engine
-    metrics = core.engine.get_schedule_metrics()
-    return core.session_mgr.request_handle_pool.num_dispatched == 0 and metrics.active_seqs == 0
 
 
 def test_loads_and_describes_itself(engine: Any, fp16_dir: Path) -> None:
@@ -127,9 +108,9 @@ def test_closing_the_stream_aborts_and_engine_serves_next(engine: Any, monkeypat
     gen.close()
     assert engine.active_generations() == 0
     deadline = time.monotonic() + 5
-    while not _engine_idle(engine) and time.monotonic() < deadline:
+    while not engine_idle(engine) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _engine_idle(engine), "TurboMind still holds the aborted request"
+    assert engine_idle(engine), "TurboMind still holds the aborted request"
     assert time.perf_counter() - started < 5
     chunks = _run(engine, PROMPT, GREEDY)
     assert chunks[-1].finish_reason == "length" and chunks[-1].n_tokens == 24
@@ -158,9 +139,9 @@ def test_many_threads_at_once(engine: Any, monkeypatch: Any) -> None:
     assert sorted(results) == [-1] * 3 + [40] * 6
     assert engine.active_generations() == 0
     deadline = time.monotonic() + 5
-    while not _engine_idle(engine) and time.monotonic() < deadline:
+    while not engine_idle(engine) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _engine_idle(engine)
+    assert engine_idle(engine)
 
 
 def test_typed_markers_reach_the_engine_as_text(engine: Any, monkeypatch: Any) -> None:
@@ -205,7 +186,7 @@ def test_awq_checkpoint_loads_and_streams(tmp_path: Path, monkeypatch: Any) -> N
     from legal_eagle.engines.turbomind import TurbomindEngine
     from legal_eagle.tiny_model import build_tiny_checkpoint
 
-    llama = build_tiny_checkpoint(tmp_path / "llama-fp16", arch="llama", device="cuda", **SHAPE)
+    llama = build_tiny_checkpoint(tmp_path / "llama-fp16", arch="llama", device="cuda", **TINY_SHAPE)
     awq_dir = tmp_path / "llama-awq"
     auto_awq(str(llama), work_dir=str(awq_dir), calib_samples=0, w_bits=4, w_group_size=128, device="cuda",
              dtype="float16")
