@@ -46,7 +46,7 @@ f2) timeout 300 python3 scripts/gpu_first_start.py --work $W --out "$FS" --runs 
 b) timeout 560 python3 scripts/gpu_compare.py --fp16 "$fp16" --awq "$awq" \
      --out "$L/compare" --scenarios 24,full --timeout 200 2>&1 | tee "$L/compare.log" | tail -40 ;;
 c) timeout 560 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
-     --work-dir $B --parts serve,prefix,kv8g,warm,fp16 --quick --json "$L/bench.json" --out "$L/benchmarks.md" 2>&1 \
+     --work-dir $B --parts serve,fp16,prefix,kv8g,warm,tune --tune-variants mbs1,tune-full --quick --json "$L/bench.json" --out "$L/benchmarks.md" 2>&1 \
      | tee "$L/bench.log" | tail -60 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
