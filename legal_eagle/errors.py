@@ -31,6 +31,10 @@ class QuantizationError(ModelPreparationError):
     """AWQ quantization or its check failed; nothing was published."""
 
 
+class PlatformError(LegalEagleError):
+    """This machine cannot run the engine as installed (e.g. the NVIDIA driver is too old for the CUDA build)."""
+
+
 class EngineError(LegalEagleError):
     """The inference engine failed while loading or generating."""
 

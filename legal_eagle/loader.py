@@ -16,6 +16,7 @@ from legal_eagle.compare import EngineProvider, FakeProvider, UnavailableProvide
 from legal_eagle.config import Settings
 from legal_eagle.engines import resolve_backend
 from legal_eagle.engines.base import Engine
+from legal_eagle.errors import PlatformError
 from legal_eagle.planner import Plan
 from legal_eagle.service import ModelService, ProgressFn
 
@@ -55,7 +56,10 @@ def load_engine(settings: Settings, progress: ProgressFn, checkpoints: Checkpoin
     Raises:
         ModelPreparationError: the model cannot be found, downloaded, converted or quantized.
         EngineError: the engine cannot load it (too little GPU memory, no GPU for TurboMind...).
+        PlatformError: the NVIDIA driver cannot run the installed CUDA builds (said before any download).
     """
+    if settings.backend != "fake":
+        check_machine(local_engine=settings.backend != "remote")
     backend = resolve_backend(settings.backend)
     if backend == "fake":
         from legal_eagle.engines.fake import FakeEngine
@@ -108,6 +112,22 @@ def load_engine(settings: Settings, progress: ProgressFn, checkpoints: Checkpoin
 
     return TransformersEngine.load(Path(prepared.path), context_len=settings.session_len,
                                    name=_display_name(settings, "hf"))
+
+
+def check_machine(local_engine: bool = True) -> None:
+    """Log the driver / torch / TurboMind CUDA report; raise ``PlatformError`` when CUDA cannot work.
+
+    Hosted GPUs often run a driver older than the wheels' CUDA build, and then torch or TurboMind
+    fail much later with a cryptic CUDA error (or ``auto`` silently falls back to the CPU). This
+    says so at start, with the fix, on the start page and in the log.
+    """
+    from legal_eagle.platform import collect_platform
+
+    report = collect_platform(local_engine=local_engine)
+    report.log(log)
+    errors = [f for f in report.findings if f.level == "error"]
+    if errors:
+        raise PlatformError("\n".join(f.zh for f in errors), "; ".join(f.en for f in errors))
 
 
 def _chat_share(awq_dir: Path, fp16_dir: Path, wanted: float) -> float:

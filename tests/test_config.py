@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import wait_for
 
 from legal_eagle import MODEL_ID
 from legal_eagle.config import OPTIONS, Settings, build_parser
@@ -111,6 +112,28 @@ def test_loader_hands_calibration_and_threshold_to_prepare(monkeypatch, tmp_path
     with pytest.raises(RuntimeError, match="stop here"):
         loader.load_engine(settings, lambda *a: None)
     assert seen["calib"].source == "none" and seen["min_agreement"] == 0.0
+
+
+def test_loader_says_a_too_old_driver_before_any_download(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from legal_eagle import loader, platform, prepare
+    from legal_eagle.errors import PlatformError
+    from legal_eagle.service import ModelService
+
+    old = platform.check_platform(torch_version="2.12.1+cu130", torch_cuda="13.0", engine_cuda="12.8.90",
+                                  driver_version="550.54.15", gpus=[platform.Gpu(0, "NVIDIA A10", 24 * 10**9,
+                                                                                  23 * 10**9)])
+    monkeypatch.setattr(platform, "collect_platform", lambda local_engine=True: old)
+    monkeypatch.setattr(prepare, "prepare_model", lambda *a, **k: pytest.fail("must not download"))
+    settings = Settings(backend="turbomind", cache_dir=str(tmp_path))
+    with pytest.raises(PlatformError) as info:
+        loader.load_engine(settings, lambda *a: None)
+    assert "驱动 550.54.15 太旧" in info.value.user_message and "CUDA 13.0" in info.value.user_message
+    service = ModelService(lambda progress: loader.load_engine(settings, progress))
+    service.start()
+    assert wait_for(lambda: service.status().stage == "failed", 10)
+    assert "驱动 550.54.15 太旧" in service.status().describe()  # what the start page shows
+    monkeypatch.setattr(platform, "collect_platform", lambda local_engine=True: pytest.fail("not for fake"))
+    loader.load_engine(Settings(backend="fake"), lambda *a: None)  # the scripted engine needs no GPU
 
 
 def test_app_log_survives_lmdeploy_muting_root_handlers(capsys: pytest.CaptureFixture[str]) -> None:

@@ -394,7 +394,9 @@ def test_free_memory_check(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setattr(tm.metrics, "gpu_free_total", lambda index=0: (tm.LOAD_MARGIN_BYTES, 10**12))
     with pytest.raises(tm.GpuMemoryError) as info:
         tm.check_free_memory(tmp_path, tp=1)
-    assert "显存" in info.value.user_message
+    message = info.value.user_message
+    assert "显存" in message and f"只有 {tm.LOAD_MARGIN_BYTES / 1e9:.1f} GB 空闲" in message and "A10 24 GB" in message
+    assert "GB free" in str(info.value)  # the log line says it in English
     monkeypatch.setattr(tm.metrics, "gpu_free_total", lambda index=0: (tm.LOAD_MARGIN_BYTES + 1000, 10**12))
     tm.check_free_memory(tmp_path, tp=1)  # just enough
     monkeypatch.setattr(tm.metrics, "gpu_free_total", lambda index=0: None)

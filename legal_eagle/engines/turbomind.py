@@ -147,12 +147,14 @@ def check_free_memory(model_dir: Path, tp: int) -> None:
     TurboMind aborts the whole process when it runs out of memory while loading, so this is
     decided beforehand. Without NVML it checks nothing.
     """
+    from legal_eagle.platform import gpu_fit_report
+
     need = _weights_bytes(model_dir) // tp + LOAD_MARGIN_BYTES
     for index in range(tp):
         free_total = metrics.gpu_free_total(index)
         if free_total is not None and free_total[0] < need:
-            detail = f"GPU {index}: {free_total[0]} bytes free, about {need} needed"
-            raise GpuMemoryError(MSG_NO_MEMORY, detail)
+            finding = gpu_fit_report(free_total[0], need, what=f"该模型（{model_dir.name}）")
+            raise GpuMemoryError(f"{MSG_NO_MEMORY}\n{finding.zh}", f"GPU {index}: {finding.en}")
 
 
 def _quantization_label(model_dir: Path, model_format: str, dtype: str) -> str:
