@@ -8,7 +8,8 @@
 #   bash scripts/gpu_session.sh f1   # python app.py first start on a random 7B InternLM2 checkpoint (convert, AWQ, load, chat)
 #   bash scripts/gpu_session.sh f2   # the second start (must reuse the 4-bit copy) and the table
 #   bash scripts/gpu_session.sh b    # fp16 vs 4-bit: the compare tab at 24 GB free and on the full GPU
-#   bash scripts/gpu_session.sh c    # python -m legal_eagle.bench (raw vs app, prefix caching, KV in 8 GB)
+#   bash scripts/gpu_session.sh c    # python -m legal_eagle.bench (raw vs app, prefix caching, KV in 8 GB, warm start; fp16)
+#   bash scripts/gpu_session.sh c2   # the bench's 4-bit decode experiments (target 6)
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
 # Logs go to /tmp/L/<step> and come back as $OUT/logs_<step>.tgz (the device returns at most 8 files).
 set -uo pipefail
@@ -33,8 +34,11 @@ t) python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/
      | tee "$L/pytest_reliability.log" | grep -E "RELIABILITY|GPU |passed|failed|Error" | tail -30
    timeout 150 python3 -m pytest -q -s -rs -m gpu tests/test_remote_engine.py -k real_api_server \
      -p no:cacheprovider 2>&1 | tee "$L/pytest_remote.log" | grep -E '^\{|passed|failed|Error' | tail -10
-   timeout 100 tail --pid=$mk -f /dev/null; kill $mk 2>/dev/null
-   tail -5 "$L/bench_make.log"; ls $B $B/awq; du -sh $R7 $B/llama $B/awq ;;
+   timeout 150 tail --pid=$mk -f /dev/null; kill $mk 2>/dev/null
+   tail -5 "$L/bench_make.log"; ls $B $B/awq; du -sh $R7 $B/llama $B/awq
+   left=$((575 - SECONDS))   # then, in the time left, the compare tab with only 24 GB free (step b's hard case)
+   [ -f $B/awq/config.json ] && [ $left -gt 90 ] && timeout $left python3 scripts/gpu_compare.py --fp16 $B/llama \
+     --awq $B/awq --out "$L/compare" --scenarios 24 --timeout $((left - 10)) 2>&1 | tee "$L/compare.log" | tail -25 ;;
 f) timeout 100 python3 -m pytest -q -rs -m gpu tests/gpu/test_turbomind_engine.py -k "greedy or seeded" \
      -p no:cacheprovider 2>&1 | tee "$L/pytest_greedy.log" | tail -5
    timeout 480 python3 scripts/gpu_first_start.py --work $W --out "$FS" --limit 300 2>&1 \
@@ -45,8 +49,13 @@ f2) timeout 300 python3 scripts/gpu_first_start.py --work $W --out "$FS" --runs 
      | tee "$L/second_start.log" | tail -30; cp -r "$FS" "$L/" ;;
 b) timeout 560 python3 scripts/gpu_compare.py --fp16 "$fp16" --awq "$awq" \
      --out "$L/compare" --scenarios 24,full --timeout 200 2>&1 | tee "$L/compare.log" | tail -40 ;;
-c) timeout 560 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
-     --work-dir $B --parts serve,fp16,prefix,kv8g,warm,tune --tune-variants mbs1,tune-full --quick --json "$L/bench.json" --out "$L/benchmarks.md" 2>&1 \
-     | tee "$L/bench.log" | tail -60 ;;
+c) timeout 480 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
+     --work-dir $B --parts serve,prefix,kv8g,warm --quick --json "$L/bench.json" --out "$L/benchmarks.md" 2>&1 \
+     | tee "$L/bench.log" | tail -60
+   left=$((580 - SECONDS))   # the fp16 engine's memory and speed in the time left
+   [ $left -gt 60 ] && timeout $left python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" --work-dir $B \
+     --parts fp16 --quick --json "$L/bench_fp16.json" 2>&1 | tee "$L/bench_fp16.log" | tail -30 ;;
+c2) timeout 560 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" --work-dir $B \
+     --parts tune --tune-variants mbs1,tune-full --quick --json "$L/bench_tune.json" 2>&1 | tee "$L/bench_tune.log" | tail -40 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
