@@ -11,6 +11,7 @@
 #   bash scripts/gpu_session.sh c    # python -m legal_eagle.bench (raw vs app, prefix caching, KV in 8 GB, warm start; fp16)
 #   bash scripts/gpu_session.sh c2   # the bench's 4-bit decode experiments (target 6)
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
+# LE_LIMIT: seconds this step may take in all (default 575; the device call is 600 s with the install).
 # Logs go to /tmp/L/<step> and come back as $OUT/logs_<step>.tgz (the device returns at most 8 files).
 set -uo pipefail
 step=${1:?step a, t, f, f1, f2, b or c}
@@ -36,7 +37,7 @@ t) python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/
      -p no:cacheprovider 2>&1 | tee "$L/pytest_remote.log" | grep -E '^\{|passed|failed|Error' | tail -10
    timeout 150 tail --pid=$mk -f /dev/null; kill $mk 2>/dev/null
    tail -5 "$L/bench_make.log"; ls $B $B/awq; du -sh $R7 $B/llama $B/awq
-   left=$((575 - SECONDS))   # then, in the time left, the compare tab with only 24 GB free (step b's hard case)
+   left=$((${LE_LIMIT:-575} - SECONDS))   # then, in the time left, the compare tab with only 24 GB free (step b's hard case)
    [ -f $B/awq/config.json ] && [ $left -gt 90 ] && timeout $left python3 scripts/gpu_compare.py --fp16 $B/llama \
      --awq $B/awq --out "$L/compare" --scenarios 24 --timeout $((left - 10)) 2>&1 | tee "$L/compare.log" | tail -25 ;;
 f) timeout 100 python3 -m pytest -q -rs -m gpu tests/gpu/test_turbomind_engine.py -k "greedy or seeded" \
@@ -52,7 +53,7 @@ b) timeout 560 python3 scripts/gpu_compare.py --fp16 "$fp16" --awq "$awq" \
 c) timeout 480 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
      --work-dir $B --parts serve,prefix,kv8g,warm --quick --json "$L/bench.json" --out "$L/benchmarks.md" 2>&1 \
      | tee "$L/bench.log" | tail -60
-   left=$((580 - SECONDS))   # the fp16 engine's memory and speed in the time left
+   left=$((${LE_LIMIT:-580} - SECONDS))   # the fp16 engine's memory and speed in the time left
    [ $left -gt 60 ] && timeout $left python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" --work-dir $B \
      --parts fp16 --quick --json "$L/bench_fp16.json" 2>&1 | tee "$L/bench_fp16.log" | tail -30 ;;
 c2) timeout 560 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" --work-dir $B \
