@@ -50,7 +50,7 @@ f2) timeout 300 python3 scripts/gpu_first_start.py --work $W --out "$FS" --runs 
      | tee "$L/second_start.log" | tail -30; cp -r "$FS" "$L/" ;;
 b) timeout 560 python3 scripts/gpu_compare.py --fp16 "$fp16" --awq "$awq" \
      --out "$L/compare" --scenarios 24,full --timeout 200 2>&1 | tee "$L/compare.log" | tail -40 ;;
-c) timeout 480 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
+c) timeout $((${LE_LIMIT:-580} - 100)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
      --work-dir $B --parts serve,prefix,kv8g,warm --quick --json "$L/bench.json" --out "$L/benchmarks.md" 2>&1 \
      | tee "$L/bench.log" | tail -60
    left=$((${LE_LIMIT:-580} - SECONDS))   # the fp16 engine's memory and speed in the time left
