@@ -123,6 +123,27 @@ def test_status_tokens_reads_the_chat_tabs_status_line() -> None:
     assert load.status_tokens(None) == 0
 
 
+def test_a_burst_is_not_a_decode_speed() -> None:
+    burst = load.Trace(t0=0.0, events=[(0.40, 5), (0.401, 100), (0.402, 256)])
+    assert burst.result(0).decode_tok_s is None and burst.result(0).n_tokens == 256
+    steady = load.Trace(t0=0.0, events=[(0.02, 1), (0.07, 7), (1.07, 137)])
+    assert steady.result(0).decode_tok_s == pytest.approx(130.0)
+
+
+def test_kv_share_for_eight_4k_chats(tmp_path: Path) -> None:
+    from legal_eagle.bench.parts import kv_bytes_per_token, kv_share
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 32, "num_key_value_heads": 8,
+                                                      "hidden_size": 4096, "num_hidden_layers": 32}))
+    assert kv_bytes_per_token(tmp_path, 0) == 128 * 1024  # InternLM2-7B: 128 KiB a token in fp16
+    assert kv_bytes_per_token(tmp_path, 8) == int(64 * 1024 * 1.05)
+    need = kv_blocks(8, 4096) * 64 * kv_bytes_per_token(tmp_path, 8)  # ~2.1 GiB
+    share = kv_share(need, free_bytes=140 * 2**30, weights_bytes=5 * 2**30)
+    assert 0 < share < 1 and share * (140 - 5 - 2) * 2**30 == pytest.approx(need)
+    with pytest.raises(ValueError, match="do not fit"):
+        kv_share(need, free_bytes=8 * 2**30, weights_bytes=5 * 2**30)
+
+
 def test_page_protocol_status_diffs() -> None:
     status = load.apply_string_diff("", "正在生成… ")  # the first update carries the whole value
     status = load.apply_string_diff(status, [["append", [], "1 tokens "]])
@@ -175,8 +196,8 @@ def test_compare_raw_and_app_end_to_end_with_fake_engine() -> None:
         assert one["tokens"] == 2 * N and four["tokens"] == 4 * N
         assert 0 < one["ttft_ms_mean"] < 2000 and 50 < one["decode_tok_s_mean"] < 1000  # fake: ~200 tok/s
     assert out["app"]["4"]["ttft_ms_mean"] >= 0
-    page = out["page"]["1"]  # the page's own protocol, at 1 user only (the default page_levels)
-    assert set(out["page"]) == {"1"} and (page["requests"], page["errors"], page["tokens"]) == (2, 0, 2 * N)
+    page = out["page"]["1"]  # the page's own protocol, at every level
+    assert set(out["page"]) == {"1", "4"} and (page["requests"], page["errors"], page["tokens"]) == (2, 0, 2 * N)
     assert 0 < page["ttft_ms_mean"] < 2000 and 50 < page["decode_tok_s_mean"] < 1000
     assert engine.peak_active >= 2  # the 4-user levels really ran streams at once (no timing needed)
     asked = [c.messages for c in engine.calls]
@@ -343,7 +364,7 @@ def test_serve_part_runs_every_side_with_the_apps_settings(fake_loaded: list[dic
     assert "pipe_error" in out  # a FakeEngine has no LMDeploy pipe under it
     assert out["long8"]["requests"] == 8 and out["long8"]["tokens"] == 64
     assert 280 <= out["long8_prompt_tokens"] <= 320
-    assert out["page"]["1"]["tokens"] == 2 * N and set(out["page"]) == {"1"}
+    assert out["page"]["1"]["tokens"] == 2 * N and set(out["page"]) == {"1", "2"}
     text = markdown.render_markdown({"serve_awq": out}, {"command": "x"})
     assert "| 4-bit AWQ | app (gradio_client) | 2 " in text and "| 4-bit AWQ | app (page protocol) | 1 " in text
     assert "page protocol: decode" in text  # target 1 also reports the page's figure
@@ -358,7 +379,7 @@ def test_prefix_and_tune_parts(fake_loaded: list[dict[str, Any]]) -> None:
     assert fake_loaded[-1]["enable_prefix_caching"] is False
     assert [t["turn"] for t in out["turns"]] == [1, 2, 3] and len(out["runs"]) == 2
     assert out["turns"][0]["prompt_tokens"] < out["turns"][2]["prompt_tokens"]
-    tuned = parts.part_tune({"name": "mbs1", "format": "awq", "dir": "/x", "max_new_tokens": 20,
+    tuned = parts.part_tune({"name": "mbs1", "format": "awq", "dir": "/x", "max_new_tokens": 100,
                              "requests": 2, "max_batch_size": 1, "env": {"TM_GEMM_TUNE": "x"}})
     assert fake_loaded[-1]["max_batch_size"] == 1 and tuned["max_batch_size"] == 1
     assert tuned["decode_tok_s"] > 0 and tuned["env"] == {"TM_GEMM_TUNE": "x"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import statistics
 import threading
@@ -291,19 +292,49 @@ def kv_blocks(chats: int, session_len: int) -> int:
     return chats * -(-session_len // KV_BLOCK_TOKENS)
 
 
+def kv_bytes_per_token(model_dir: Path, quant_policy: int) -> int:
+    """KV-cache bytes one token takes: layers x KV heads x head dim x (K, V) x element size, plus 5 %
+    for the int8/int4 scales and rounding."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads", heads))
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    elem = {0: 2.0, 8: 1.0, 4: 0.5}[quant_policy]
+    return int(int(cfg["num_hidden_layers"]) * kv_heads * head_dim * 2 * elem * (1.0 if quant_policy == 0 else 1.05))
+
+
+def kv_share(kv_bytes: int, free_bytes: int, weights_bytes: int, overhead_bytes: int = 2 * 1024**3) -> float:
+    """``cache_max_entry_count`` that gives about ``kv_bytes`` of KV cache.
+
+    LMDeploy 0.18's TurboMind takes the share of the memory left free after the weights (a
+    count of blocks above 1 is refused: "object-cache path no longer accepts
+    cache_max_block_count as a block count", TurboMind aborts the process).
+    """
+    left = free_bytes - weights_bytes - overhead_bytes
+    if left <= kv_bytes:
+        raise ValueError(f"{kv_bytes} bytes of KV cache do not fit the {max(left, 0)} bytes left after the weights")
+    return min(0.95, max(0.001, kv_bytes / left))
+
+
 def part_kv8g(args: Mapping[str, Any]) -> dict[str, Any]:
     """Target 4: the 4-bit engine sized for exactly 8 chats x session_len, its peak memory and speed."""
     from lmdeploy import TurbomindEngineConfig, pipeline
 
     from legal_eagle.engines.base import EngineInfo
     from legal_eagle.engines.turbomind import TurbomindEngine
+    from legal_eagle.planner import weights_bytes
 
     chats, session_len = int(args["chats"]), int(args["session_len"])
     blocks = kv_blocks(chats, session_len)
+    kv_bytes = blocks * KV_BLOCK_TOKENS * kv_bytes_per_token(Path(args["dir"]), int(args["quant_policy"]))
+    free_total = metrics.gpu_free_total()
+    if free_total is None:
+        raise RuntimeError("NVML reports no GPU: the KV-cache share cannot be sized")
+    share = kv_share(kv_bytes, free_total[0], weights_bytes(Path(args["dir"])))
     opts = {
         "model_format": "awq",
         "session_len": session_len,
-        "cache_max_entry_count": blocks,
+        "cache_max_entry_count": share,
         "quant_policy": int(args["quant_policy"]),
         "max_batch_size": chats,
         "enable_prefix_caching": True,
@@ -338,7 +369,7 @@ def part_kv8g(args: Mapping[str, Any]) -> dict[str, Any]:
             long8, prompt_tokens = load.long_chats(engine, PERSONA, chats, prompt, params)
     engine.close()
     return {
-        "engine": {**opts, "cache_max_entry_count": f"{blocks} blocks"},
+        "engine": {**opts, "cache_max_entry_count": f"{share:.4f} ({blocks} blocks, {kv_bytes / 2**30:.2f} GiB)"},
         "load_s": load_s,
         "memory_bytes": after_load,
         "load_peak_bytes": load_peak,
