@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU proof session, cut into steps that each fit one 10-minute device call.
-# On the GPU machine, from the repo root, after `bash .gpu/install.sh` (../shared/gpu/README.md):
+# On the GPU machine, from the repo root, after `bash .gpu/install.sh` (../shared/gpu/README.md), staged with
+#   ../shared/gpu/prepare.sh gradio==6.31.0 modelscope==1.40.2 openai openai_harmony
+# (`lmdeploy serve api_server` imports openai, a dependency of lmdeploy that the GPU image lacks):
 #   bash scripts/gpu_session.sh a    # GPU tests: TurboMind engine, InternLM2 reader == converted Llama, AWQ on CUDA
 #   bash scripts/gpu_session.sh t    # greedy/seeded, GPU reliability suite, remote engine vs a real api_server (+ the
 #                                    # app page); meanwhile the bench makes random 7B fp16 + data-free AWQ copies for b and c

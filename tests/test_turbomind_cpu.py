@@ -507,6 +507,9 @@ def test_against_lmdeploy_asyncengine(tiny_tokenizer_dir: Path) -> None:
         chunks = list(engine.stream(prompt, GREEDY))
         text = "".join(c.text for c in chunks)
         assert text == hf.decode(words, skip_special_tokens=True)
+        from gpu._turbomind import generated_ids  # the GPU tests' token-id probe, checked here on LMDeploy's code
+
+        assert generated_ids(engine, prompt, GREEDY) == words
         assert chunks[-1].finish_reason == "stop" and chunks[-1].n_tokens == len(words)
         seen = next(inst.seen[0] for inst in instances if inst.seen)
         assert seen == tm.render_ids(hf, prompt) and seen.count(im_end) == 1  # only the real turn end
