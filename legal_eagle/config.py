@@ -103,7 +103,7 @@ class Settings:
     enable_prefix_caching: bool = True
     host: str = "127.0.0.1"
     port: int = 7860
-    concurrency_limit: int = 16
+    concurrency_limit: int = 32  # = TurboMind max_batch_size: every admitted answer decodes in the same batch
     max_queue_size: int = 64
     max_input_chars: int = 4000
     max_new_tokens: int = 1024

@@ -156,7 +156,7 @@ def test_page_request_reads_the_apps_event_stream(launch: Any) -> None:
     """A page-protocol user against the real app: tokens from the status line, errors from the app."""
     import httpx
 
-    client = launch(FakeEngine(script=long_answer, delay_s=0.002))
+    client = launch(FakeEngine(script=long_answer, delay_s=0.005))
     http = httpx.Client(timeout=30)
     fn = load.chat_fn_index(http, client.src)
     ok = load.page_request(http, client.src, fn, "公司拖欠工资怎么办？", "律师", SamplingParams(max_new_tokens=N))

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import closing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,10 @@ from legal_eagle.export import export_meta, to_json, to_markdown
 from legal_eagle.metrics import StreamTimer
 from legal_eagle.prompts import Prompts
 from legal_eagle.service import ModelService
+from legal_eagle.ui.pacing import UpdatePacer
 from legal_eagle.ui.widgets import CheckedSlider
 
 log = logging.getLogger(__name__)
-_YIELD_EVERY_S = 0.05  # one UI update per 50 ms, not per token: the page cannot show more
 Turns = list[dict[str, Any]]
 Outputs = tuple[list[dict[str, str]], Turns, str, str]
 
@@ -45,6 +45,7 @@ class ChatHandlers:
     settings: Settings
     prompts: Prompts
     statutes: Future[StatuteBase | None] | None = None  # opened in the background (index build ~20 s once)
+    pacer: UpdatePacer = field(default_factory=UpdatePacer)  # updates per 50 ms alone, fewer under load
 
     def statute_base(self) -> StatuteBase | None:
         """The statute base once it is open; None while it builds, when absent, or when it failed."""
@@ -127,7 +128,7 @@ class ChatHandlers:
         tokens, reason, last_yield = 0, "abort", 0.0
         yield self._outputs(turns, "", f"正在生成… {notice}")
         try:
-            with closing(engine.stream(trimmed.messages, params)) as stream:
+            with self.pacer.streaming(), closing(engine.stream(trimmed.messages, params)) as stream:
                 for chunk in stream:
                     answer["content"] += chunk.text
                     tokens = chunk.n_tokens
@@ -136,7 +137,7 @@ class ChatHandlers:
                                                 trimmed.dropped_turns, grounded)
                     if chunk.finish_reason:
                         reason = chunk.finish_reason
-                    if time.monotonic() - last_yield >= _YIELD_EVERY_S:
+                    if time.monotonic() - last_yield >= self.pacer.interval():
                         last_yield = time.monotonic()
                         yield self._outputs(turns, "", f"正在生成… {tokens} tokens {notice}")
         except LegalEagleError as exc:
