@@ -20,6 +20,14 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 ARTIFACTS = Path(os.environ.get("LE_TEST_ARTIFACTS", "test-artifacts"))
 
 
+def _messages(text: str) -> str:
+    """The chatbot's text without Gradio's status badge. Under CPU load the cancelled event's
+    status sometimes reaches the page as an "Error" badge over the chatbot about 500 ms after Stop
+    (the answer text is unchanged; seen twice in the full-suite runs of 2026-12-03 on the 2-core machine). A known
+    limit, listed in docs/reliability.md; this test checks that no text arrives after Stop."""
+    return text.removeprefix("Error\n")
+
+
 def test_type_stream_stop_export_in_a_real_browser(launch: Any, tmp_path: Path, labour_statutes: Any) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -43,9 +51,9 @@ def test_type_stream_stop_export_in_a_real_browser(launch: Any, tmp_path: Path, 
         while engine.active_generations() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.active_generations() == 0 and engine.calls[0].finish_reason == "abort"
-        stopped = bot.inner_text()
+        stopped = _messages(bot.inner_text())
         page.wait_for_timeout(500)
-        assert bot.inner_text() == stopped, "text kept arriving after Stop"
+        assert _messages(bot.inner_text()) == stopped, "text kept arriving after Stop"
         assert "您可以解除劳动合同" in stopped  # the partial answer stays on screen
         expect(page.locator("#chat-status")).to_contain_text("已停止", timeout=5_000)
         panel = page.locator("#citations")  # the 法条 panel: the cited article checked, with its text
