@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Literal
 
 from legal_eagle import metrics
+from legal_eagle.engines import turbomind_available as _turbomind_available
 from legal_eagle.engines.base import Engine
 from legal_eagle.errors import GpuMemoryError
 
@@ -224,15 +225,6 @@ def weights_bytes(model_dir: Path) -> int:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     return size // 2 if config.get("torch_dtype", config.get("dtype")) == "float32" else size
 
-
-def _turbomind_available() -> bool:
-    """True when LMDeploy's TurboMind module loads here."""
-    try:
-        from lmdeploy import turbomind
-
-        return bool(turbomind.is_available())
-    except Exception:  # any import failure means: no TurboMind here
-        return False
 
 
 class PlannedProvider:

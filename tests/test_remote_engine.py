@@ -27,6 +27,7 @@ from conftest import free_port, wait_for
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from legal_eagle.engines import turbomind_available
 from legal_eagle.engines.base import Engine, SamplingParams
 from legal_eagle.engines.remote import (
     MSG_AUTH,
@@ -408,18 +409,10 @@ def test_through_lmdeploy_proxy(server: tuple[str, ServerState], state: ServerSt
             proc.kill()
 
 
-def _turbomind_available() -> bool:
-    try:
-        from lmdeploy import turbomind
-
-        return bool(turbomind.is_available())
-    except Exception:  # noqa: BLE001 (any import failure means: no TurboMind here)
-        return False
-
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.skipif(not _turbomind_available(), reason="needs TurboMind and an NVIDIA GPU")
+@pytest.mark.skipif(not turbomind_available(), reason="needs TurboMind and an NVIDIA GPU")
 def test_real_api_server_on_gpu(tmp_path: Any, launch: Any) -> None:
     """A real ``lmdeploy serve api_server`` (``--tp $LE_TEST_TP``, default 1) driven by RemoteEngine.
 

@@ -8,12 +8,18 @@ log = logging.getLogger(__name__)
 
 
 def turbomind_available() -> bool:
-    """True when LMDeploy's TurboMind extension loads and sees an NVIDIA GPU."""
+    """True when LMDeploy's TurboMind extension loads and sees an NVIDIA GPU.
+
+    Any failure to load it (missing module, a native library that does not load) means no
+    TurboMind here; the planner, the tests' skip marks and the backend choice all ask this.
+    """
     try:
         from lmdeploy import turbomind
-    except ImportError:
+
+        return bool(turbomind.is_available())
+    except Exception as exc:
+        log.debug("TurboMind is not loadable here: %r", exc)
         return False
-    return bool(turbomind.is_available())
 
 
 def resolve_backend(requested: str) -> str:

@@ -1,4 +1,4 @@
-"""Helpers of the GPU tests (no fixtures here): TurboMind's presence, its idle check, the tiny shape."""
+"""Helpers of the GPU tests (no fixtures here): TurboMind's idle check, the tiny shape, a token-id probe."""
 
 from __future__ import annotations
 
@@ -7,16 +7,6 @@ from typing import Any
 
 # TurboMind wants head_dim 128 and sizes that are multiples of the AWQ group (128).
 TINY_SHAPE = {"hidden_size": 512, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 1024}
-
-
-def turbomind_available() -> bool:
-    """True where LMDeploy's TurboMind module loads (an NVIDIA GPU and driver)."""
-    try:
-        from lmdeploy import turbomind
-
-        return bool(turbomind.is_available())
-    except Exception:  # any import failure means: no TurboMind here
-        return False
 
 
 def engine_idle(engine: Any) -> bool:

@@ -17,19 +17,10 @@ from pathlib import Path
 import pytest
 
 from legal_eagle.convert import convert_checkpoint, weight_shards
+from legal_eagle.engines import turbomind_available
 from legal_eagle.tiny_model import build_tiny_checkpoint
 
-
-def _turbomind_available() -> bool:
-    try:
-        from lmdeploy import turbomind
-
-        return bool(turbomind.is_available())
-    except Exception:  # noqa: BLE001 (any import failure means: no TurboMind here)
-        return False
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _turbomind_available(), reason="needs TurboMind + GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not turbomind_available(), reason="needs TurboMind + GPU")]
 
 PROMPT = "<s><|im_start|>user\n房东不退押金怎么办？<|im_end|>\n<|im_start|>assistant\n"
 _RUNNER = r"""

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _turbomind import engine_idle, tiny_fp16, turbomind_available
+from _turbomind import engine_idle, tiny_fp16
 from conftest import free_port, wait_for
 from test_reliability import PERSONA, base_url, check_load, conversations, converse_at_once, record
 
 from legal_eagle.config import Settings
+from legal_eagle.engines import turbomind_available
 from legal_eagle.engines.base import Chunk, Message, SamplingParams
 
 pytestmark = [

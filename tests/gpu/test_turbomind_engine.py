@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _turbomind import TINY_SHAPE, engine_idle, generated_ids, tiny_fp16, turbomind_available
+from _turbomind import TINY_SHAPE, engine_idle, generated_ids, tiny_fp16
 
+from legal_eagle.engines import turbomind_available
 from legal_eagle.engines.base import Chunk, Engine, SamplingParams
 
 pytestmark = [
