@@ -167,21 +167,18 @@ def engine_request(
     return trace.result(user)
 
 
+def chat_inputs(question: str, persona: str, params: SamplingParams) -> list[Any]:
+    """The inputs of the chat tab's ``/chat`` event as its API takes them, in order."""
+    return [question, persona, params.temperature, params.top_p, params.max_new_tokens,
+            params.repetition_penalty, params.greedy]
+
+
 def app_request(
     client: Any, question: str, persona: str, params: SamplingParams, user: int = 0
 ) -> RequestResult:
     """One answer through the app's ``/chat`` endpoint, timed from submit to each streamed update."""
     trace = Trace()
-    job = client.submit(
-        question,
-        persona,
-        params.temperature,
-        params.top_p,
-        params.max_new_tokens,
-        params.repetition_penalty,
-        params.greedy,
-        api_name="/chat",
-    )
+    job = client.submit(*chat_inputs(question, persona, params), api_name="/chat")
     for output in job:
         trace.record(status_tokens(output[-1] if isinstance(output, (tuple, list)) else output))
     error = None
@@ -219,8 +216,8 @@ def page_request(
     """
     trace, session, status, error = Trace(), uuid4().hex[:11], "", None
     base = url.rstrip("/") + "/gradio_api/queue"
-    data = [question, None, persona, params.temperature, params.top_p, params.max_new_tokens,
-            params.repetition_penalty, params.greedy]  # None: the session's own gr.State
+    data = chat_inputs(question, persona, params)
+    data.insert(1, None)  # the page also sends the gr.State input; None: the session's own
     body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}
     http.post(base + "/join", json=body).raise_for_status()
     with http.stream("GET", base + "/data", params={"session_hash": session}) as response:
