@@ -52,6 +52,22 @@ def test_status_times_the_first_token_even_when_it_shows_no_text(settings: Any) 
     assert 10 < rate < 60, status  # 9 tokens over ~270 ms (~33/s), not 9 tokens over the last few ms
 
 
+def test_a_stopped_answer_keeps_the_meta_of_its_last_update(settings: Any) -> None:
+    """Stop ends the handler at a yield: the answer's meta (tokens, reason) must match what was shown."""
+    from legal_eagle.prompts import load_prompts
+    from legal_eagle.ui.chat_tab import ChatHandlers
+
+    handlers = ChatHandlers(ModelService.ready_with(FakeEngine(delay_s=0.005)), settings, load_prompts(), None)
+    turns: list[dict[str, Any]] = []
+    answer = handlers.respond("请详细说明", turns, PERSONA, 0.7, 0.8, 256, 1.0, True)
+    for _ in range(4):
+        *_, status = next(answer)
+    answer.close()  # what Gradio's cancel leaves: no more steps
+    meta = turns[-1]["meta"]
+    assert f"正在生成… {meta['tokens']} tokens" in status and meta["tokens"] > 0
+    assert meta["finish_reason"] == "streaming" and meta["sampling"]["temperature"] == 0.7
+
+
 def test_two_turn_conversation_keeps_history(launch: Any) -> None:
     engine = FakeEngine()
     client = launch(engine)

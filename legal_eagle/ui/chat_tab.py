@@ -133,12 +133,13 @@ class ChatHandlers:
                     answer["content"] += chunk.text
                     tokens = chunk.n_tokens
                     timer.record(tokens)
-                    answer["meta"] = self._meta(engine, params, tokens, chunk.finish_reason or "streaming",
-                                                trimmed.dropped_turns, grounded)
                     if chunk.finish_reason:
                         reason = chunk.finish_reason
                     if time.monotonic() - last_yield >= self.pacer.interval():
                         last_yield = time.monotonic()
+                        # Only at a yield: a Stop ends the handler at one, so this is what it keeps.
+                        answer["meta"] = self._meta(engine, params, tokens, chunk.finish_reason or "streaming",
+                                                    trimmed.dropped_turns, grounded)
                         yield self._outputs(turns, "", f"正在生成… {tokens} tokens {notice}")
         except LegalEagleError as exc:
             reason = "error"
