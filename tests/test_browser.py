@@ -51,9 +51,13 @@ def test_type_stream_stop_export_in_a_real_browser(launch: Any, tmp_path: Path, 
         while engine.active_generations() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.active_generations() == 0 and engine.calls[0].finish_reason == "abort"
+        emitted = answer[: engine.calls[0].tokens]  # all the engine produced before it was stopped
+        page.wait_for_timeout(300)  # an update sent before the Stop may still be on its way (seen under load)
         stopped = _messages(bot.inner_text())
         page.wait_for_timeout(500)
         assert _messages(bot.inner_text()) == stopped, "text kept arriving after Stop"
+        shown = stopped[stopped.index("根据《"):].strip()
+        assert emitted.startswith(shown), "the page shows text the engine produced after Stop"
         assert "您可以解除劳动合同" in stopped  # the partial answer stays on screen
         expect(page.locator("#chat-status")).to_contain_text("已停止", timeout=5_000)
         panel = page.locator("#citations")  # the 法条 panel: the cited article checked, with its text
