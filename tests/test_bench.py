@@ -158,7 +158,7 @@ def test_page_request_reads_the_apps_event_stream(launch: Any) -> None:
 
     client = launch(FakeEngine(script=long_answer, delay_s=0.005))
     http = httpx.Client(timeout=30)
-    fn = load.chat_fn_index(http, client.src)
+    fn = load.fn_index(http, client.src)
     ok = load.page_request(http, client.src, fn, "公司拖欠工资怎么办？", "律师", SamplingParams(max_new_tokens=N))
     assert ok.error is None and ok.n_tokens == N and ok.ttft_s is not None and ok.decode_tok_s
     bad = load.page_request(http, client.src, fn, "   ", "律师", SamplingParams(max_new_tokens=N))

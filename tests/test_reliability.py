@@ -36,6 +36,7 @@ import pytest
 from conftest import free_port, wait_for
 from test_app import PERSONA, ask, text_of
 
+from legal_eagle.bench import load
 from legal_eagle.config import Settings
 from legal_eagle.engines.base import Chunk, Message, SamplingParams
 from legal_eagle.engines.fake import FakeEngine
@@ -105,9 +106,9 @@ def base_url(client: Any) -> str:
 
 
 def fn_index(url: str, api_name: str, cookies: Any = None) -> int:
-    """The queue's fn_index of an API endpoint (``api_name`` as in chat_tab.py)."""
-    deps = httpx.get(url + "config", cookies=cookies).json()["dependencies"]
-    return int(next(d["id"] for d in deps if d.get("api_name") == api_name))
+    """The queue's fn_index of an API endpoint (``api_name`` as in chat_tab.py), with these cookies."""
+    with httpx.Client(cookies=cookies) as http:
+        return load.fn_index(http, url, api_name)
 
 
 def raw_join(url: str, fn: int, data_json: bytes, session: str, cookies: Any = None,

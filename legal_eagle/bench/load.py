@@ -189,10 +189,10 @@ def app_request(
     return trace.result(user, error)
 
 
-def chat_fn_index(http: Any, url: str) -> int:
-    """The index of the app's ``/chat`` event in the page's config (what the page sends as ``fn_index``)."""
+def fn_index(http: Any, url: str, api_name: str = "chat") -> int:
+    """The ``fn_index`` the page sends for an event of the app (``api_name`` as in ``ui/chat_tab.py``)."""
     deps = http.get(url.rstrip("/") + "/config").raise_for_status().json()["dependencies"]
-    return next(i for i, dep in enumerate(deps) if dep.get("api_name") == "chat")
+    return int(next(dep["id"] for dep in deps if dep.get("api_name") == api_name))
 
 
 def apply_string_diff(current: str, update: Any) -> str:
@@ -246,11 +246,11 @@ def page_level_results(
 
     def make_user(index: int) -> Callable[[int], RequestResult]:
         http = httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0))
-        fn_index = chat_fn_index(http, url)
+        chat = fn_index(http, url)
 
         def request(round_: int) -> RequestResult:
             question = question_for(questions, index, round_)
-            return page_request(http, url, fn_index, question, persona, params, index)
+            return page_request(http, url, chat, question, persona, params, index)
 
         return request
 
