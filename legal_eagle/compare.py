@@ -291,21 +291,15 @@ def run_comparison(left: Contender, right: Contender, params: SamplingParams, mo
     sides = {"left": (left, left.result()), "right": (right, right.result())}
     snap = Snapshot(mode, params, sides["left"][1], sides["right"][1])
     order = ["left", "right"] if first == "left" else ["right", "left"]
-    with ExitStack() as stack:
-        if mode == "sequential":
-            for name in order:
-                contender, result = sides[name]
-                result.others_running = contender.engine.active_generations()
-                clock = timer()
-                stream = stack.enter_context(closing(_start(contender, params, result)))
-                while _step(stream, result, clock):
+    if mode == "sequential":
+        for name in order:
+            contender, result = sides[name]
+            with closing(run_alone(contender, params, result, timer=timer)) as steps:
+                for _ in steps:
                     snap.last_side = name
                     yield snap
-                clock.finish()
-                result.total_s = clock.total_s
-                snap.last_side = name
-                yield snap
-        else:
+    else:
+        with ExitStack() as stack:
             for contender, result in sides.values():
                 result.others_running = contender.engine.active_generations()
             clocks = {name: timer() for name in order}
@@ -320,12 +314,38 @@ def run_comparison(left: Contender, right: Contender, params: SamplingParams, mo
                         sides[name][1].total_s = clocks[name].total_s
                     snap.last_side = name
                     yield snap
-    for contender, result in sides.values():
-        if contender.memory is not None:
-            result.gpu_memory_bytes = contender.memory()
+        for contender, result in sides.values():
+            if contender.memory is not None:
+                result.gpu_memory_bytes = contender.memory()
+    yield finish(snap)
+
+
+def run_alone(contender: Contender, params: SamplingParams, result: SideResult | None = None, *,
+              timer: Callable[[], StreamTimer] = StreamTimer) -> Generator[SideResult, None, None]:
+    """One side answering alone (the sequential mode's unit), yielding its result after every chunk.
+
+    The last result has ``total_s`` and, when the contender can tell, the engine's GPU memory,
+    read as soon as the side ends (a time-shared or exclusive fp16 engine is freed right after).
+    Closing the generator closes the engine's stream.
+    """
+    result = result or contender.result()
+    result.others_running = contender.engine.active_generations()
+    clock = timer()
+    with closing(_start(contender, params, result)) as stream:
+        while _step(stream, result, clock):
+            yield result
+    clock.finish()
+    result.total_s = clock.total_s
+    if contender.memory is not None:
+        result.gpu_memory_bytes = contender.memory()
+    yield result
+
+
+def finish(snap: Snapshot) -> Snapshot:
+    """Mark a comparison done and measure the agreement of its two answers."""
     snap.done = True
     snap.agreement = agreement(snap.left.text, snap.right.text)
-    yield snap
+    return snap
 
 
 def _start(contender: Contender, params: SamplingParams, result: SideResult) -> Generator[Chunk, None, None]:

@@ -77,6 +77,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("api_key", str, "with --backend remote: the key the server was started with (--api-keys)"),
     Option("auth", str, "login for the page and its API: user:password[,user2:password2] (default: none; "
            "GET /healthz stays open for probes)"),
+    Option("compare_pause_chat", bool, "on a GPU too small for the fp16 and the 4-bit model together (24 GB), "
+           "let a comparison close the chat model for its fp16 half (chat answers wait about a minute)"),
     Option("grounding", bool, "give the model the 5 statute articles most relevant to each question "
            "(as reference data) and list them under the answer; needs the statute base"),
     Option("log_user_text", bool, "log users' questions at INFO (off: legal questions are private)"),
@@ -116,6 +118,7 @@ class Settings:
     remote_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
     auth: str | None = field(default=None, repr=False)  # passwords stay out of logs
+    compare_pause_chat: bool = True
     grounding: bool = True
     log_user_text: bool = False
     log_level: str = "INFO"

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 
 from legal_eagle.compare import EngineProvider, FakeProvider, UnavailableProvider
 from legal_eagle.config import Settings
 from legal_eagle.engines import resolve_backend
 from legal_eagle.engines.base import Engine
-from legal_eagle.errors import PlatformError
+from legal_eagle.errors import EngineError, PlatformError
 from legal_eagle.planner import Plan
 from legal_eagle.service import ModelService, ProgressFn
 
@@ -24,16 +27,33 @@ log = logging.getLogger(__name__)
 
 
 class Checkpoints:
-    """The prepared 4-bit and fp16 directories, once known: ``load_engine`` sets, the comparison reads."""
+    """The prepared 4-bit and fp16 directories, once known: ``load_engine`` sets, the comparison reads.
+
+    Also how to load the chat engine again (``reload``), for a comparison that needs the whole GPU.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._dirs: tuple[Path, Path] | None = None
+        self._reload: Callable[[], Engine] | None = None
 
-    def set(self, awq_dir: Path, fp16_dir: Path) -> None:
-        """Record the directories the chat engine (4-bit) and a comparison (fp16) load."""
+    def set(self, awq_dir: Path, fp16_dir: Path, reload: Callable[[], Engine] | None = None) -> None:
+        """Record the directories the chat engine (4-bit) and a comparison (fp16) load, and the chat's loader."""
         with self._lock:
             self._dirs = (Path(awq_dir), Path(fp16_dir))
+            self._reload = reload
+
+    def reload(self) -> Engine:
+        """Load the chat engine again, as ``load_engine`` did.
+
+        Raises:
+            EngineError: nothing was recorded to reload.
+        """
+        with self._lock:
+            reload = self._reload
+        if reload is None:
+            raise EngineError("无法重新加载聊天模型（没有记录加载方式），请重启应用。", "no reload recorded")
+        return reload()
 
     def get(self) -> tuple[Path, Path] | None:
         """``(awq_dir, fp16_dir)``, or None before the model is prepared."""
@@ -94,10 +114,12 @@ def load_engine(settings: Settings, progress: ProgressFn, checkpoints: Checkpoin
         from legal_eagle.engines.turbomind import TurbomindEngine
 
         share = settings.cache_max_entry_count
-        if checkpoints is not None and model_format == "awq" and prepared.fp16_path != prepared.path_for_engine:
-            checkpoints.set(prepared.path_for_engine, prepared.fp16_path)
+        comparable = (checkpoints is not None and model_format == "awq"
+                      and prepared.fp16_path != prepared.path_for_engine)
+        if comparable:
             share = _chat_share(prepared.path_for_engine, prepared.fp16_path, share)
-        return TurbomindEngine.load(
+        load = partial(
+            TurbomindEngine.load,
             Path(prepared.path),
             model_format=model_format,  # type: ignore[arg-type]
             session_len=settings.session_len,
@@ -108,6 +130,11 @@ def load_engine(settings: Settings, progress: ProgressFn, checkpoints: Checkpoin
             enable_prefix_caching=settings.enable_prefix_caching,
             name=_display_name(settings, model_format),
         )
+        engine = load()
+        if comparable:
+            assert checkpoints is not None
+            checkpoints.set(prepared.path_for_engine, prepared.fp16_path, reload=load)
+        return engine
     from legal_eagle.engines.transformers import TransformersEngine
 
     return TransformersEngine.load(Path(prepared.path), context_len=settings.session_len,
@@ -164,10 +191,14 @@ def comparison_provider(settings: Settings, service: ModelService, checkpoints: 
         scripted = Plan("both-resident", "模拟引擎（--backend fake）：两边都是脚本化的测试文本，不是模型。")
         return FakeProvider(stand_in, plan_value=scripted)
     if backend == "turbomind" and settings.model_format == "awq":
-        from legal_eagle.planner import turbomind_provider
+        from legal_eagle.planner import PAUSE_REASON, turbomind_provider
 
-        return turbomind_provider(checkpoints.get, lambda: service.status().ready, session_len=settings.session_len,
-                                  quant_policy=settings.quant_policy)
+        def suspend_chat(say: Callable[[str], None]) -> AbstractContextManager[None]:
+            return service.suspended(checkpoints.reload, PAUSE_REASON, progress=say)
+
+        return turbomind_provider(checkpoints.get, lambda: service.engine_or_none is not None,
+                                  session_len=settings.session_len, quant_policy=settings.quant_policy,
+                                  suspend_chat=suspend_chat if settings.compare_pause_chat else None)
     reasons = {
         "transformers": "fp16 与 4-bit 对比需要 NVIDIA GPU 上的 LMDeploy TurboMind；本机用 transformers 引擎，"
                         "没有 4-bit 模型可比。聊天功能不受影响。",

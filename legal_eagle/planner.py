@@ -4,7 +4,10 @@ TurboMind aborts the whole process when a load runs out of GPU memory (no except
 Python), so the comparison tab plans from NVML's free memory and the checkpoints' sizes
 first. ``plan_comparison`` is pure; ``PlannedProvider`` follows a plan: it loads the fp16
 engine when a comparison needs it, keeps it (both-resident) or frees it afterwards
-(time-shared), and re-plans with fresh numbers before every load.
+(time-shared), and re-plans with fresh numbers before every load. Where the two cannot be
+on the card together but the fp16 engine fits alone (a 24 GB A10: 9.4 + 18.1 GB), the plan
+is "exclusive": for the fp16 half of a comparison the 4-bit chat engine is closed (chat
+answers wait, with a message; running ones finish first) and reloaded afterwards.
 
 Margins (all documented defaults, overridable per call):
 
@@ -30,11 +33,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -52,9 +56,11 @@ KV_MIN_BYTES = 1 * GiB
 KV_TARGET_BYTES = 2 * GiB
 CHAT_KV_GOOD_BYTES = 4 * GiB
 MIN_SHARE, MAX_SHARE = 0.01, 0.95
-Mode = Literal["both-resident", "time-shared", "unavailable"]
+Mode = Literal["both-resident", "time-shared", "exclusive", "unavailable"]
 MODE_LABELS: dict[str, str] = {"both-resident": "两个模型同时常驻显存", "time-shared": "分时加载 fp16 模型",
-                               "unavailable": "对比不可用"}
+                               "exclusive": "轮流独占显存（对比期间聊天暂停）", "unavailable": "对比不可用"}
+PAUSE_REASON = ("有用户正在运行 fp16 与 4-bit 精度对比：这张显卡只放得下一个模型，聊天暂停约一到两分钟，"
+                "您的问题会在对比结束后自动开始回答。")
 Progress = Callable[[str], None]
 
 
@@ -99,7 +105,7 @@ class Plan:
 
     def describe(self) -> str:
         """Markdown for the tab: the mode, why, and the numbers."""
-        icon = {"both-resident": "🟢", "time-shared": "🟡", "unavailable": "🔴"}[self.mode]
+        icon = {"both-resident": "🟢", "time-shared": "🟡", "exclusive": "🟠", "unavailable": "🔴"}[self.mode]
         lines = [f"{icon} **显存规划：{MODE_LABELS[self.mode]}**", "", self.reason]
         if self.total_bytes is not None:
             lines += ["", f"显卡共 {_gb(self.total_bytes)}，规划时空闲 {_gb(self.free_bytes)}；"
@@ -114,7 +120,8 @@ class Plan:
 
 def _share(kv_bytes: int, free_after_weights: int) -> float:
     """``cache_max_entry_count`` that gives at most ``kv_bytes`` when TurboMind sees that much free."""
-    return round(min(MAX_SHARE, max(MIN_SHARE, kv_bytes / max(free_after_weights, 1))), 4)
+    share = min(MAX_SHARE, max(MIN_SHARE, kv_bytes / max(free_after_weights, 1)))
+    return max(MIN_SHARE, math.floor(share * 10_000) / 10_000)  # rounded down: never more than planned
 
 
 def plan_comparison(
@@ -131,6 +138,8 @@ def plan_comparison(
     kv_target_bytes: int = KV_TARGET_BYTES,
     chat_kv_good_bytes: int = CHAT_KV_GOOD_BYTES,
     turbomind_available: bool = True,
+    chat_held_bytes: int | None = None,
+    allow_exclusive: bool = True,
 ) -> Plan:
     """Decide how the fp16 engine can run beside the 4-bit chat engine on one GPU.
 
@@ -150,6 +159,9 @@ def plan_comparison(
         chat_kv_good_bytes: planning before the chat engine loads, the fp16 engine stays resident
             only if the chat engine still gets this much KV cache (or its wanted share, if less).
         turbomind_available: False when TurboMind cannot run here.
+        chat_held_bytes: GPU memory the loaded chat engine holds (what closing it frees), for
+            the "exclusive" plan; None: unknown (no exclusive plan with a loaded chat engine).
+        allow_exclusive: False when the host does not let a comparison pause the chat.
 
     Returns:
         The plan; "unavailable" plans carry the reason in Chinese.
@@ -169,14 +181,34 @@ def plan_comparison(
     common = dict(fp16_need_bytes=fp16_need, chat_need_bytes=chat_need, free_bytes=free_bytes,
                   total_bytes=total_bytes, reserve_bytes=reserve, headroom_bytes=headroom)
     if room < fp16_need:
+        # Alone on the card? The chat engine's CUDA context stays when it closes.
+        alone = free_bytes if not chat_engine_loaded else (
+            None if chat_held_bytes is None else free_bytes + max(0, chat_held_bytes - context_bytes))
+        if allow_exclusive and alone is not None and alone - reserve >= fp16_need:
+            fp16_kv = max(kv_min_bytes, min(kv_target_bytes, alone - reserve - fp16_fixed))
+            reason = (f"显存只够放下一个模型：fp16 模型（约 {_gb(fp16_fixed + fp16_kv)}）"
+                      "与 4-bit 聊天模型无法同时驻留。"
+                      "对比时先卸载 4-bit 聊天模型，fp16 独占显卡回答，然后释放它、重新加载 4-bit 模型回答"
+                      "（只能“依次计时”，每次对比约多花半分钟到一分钟加载）；"
+                      "期间聊天暂停，用户的问题会排队等待，正在生成的回答会先完成。")
+            return Plan("exclusive", reason, fp16_cache_share=_share(fp16_kv, alone - fp16_weights_bytes),
+                        fp16_kv_bytes=fp16_kv, **common)  # type: ignore[arg-type]
         holder = "" if not chat_engine_loaded else "（4-bit 聊天模型已加载并占用了一部分）"
         chat_part = f"、4-bit 聊天模型约 {_gb(chat_need)}" if chat_need else ""
         reason = (f"显存不足：显卡共 {_gb(total_bytes)}，空闲 {_gb(free_bytes)}{holder}；"
                   f"fp16 模型至少需要 {_gb(fp16_need)}（权重 {_gb(fp16_weights_bytes)} + 引擎缓冲 "
                   f"{_gb(overhead_bytes)} + KV 缓存 {_gb(kv_min_bytes)}）{chat_part}，"
-                  f"另需保留 {_gb(reserve)}。"
-                  "fp16 与 4-bit 两个模型无法在这张卡上同时运行，因此精度对比不可用；聊天功能不受影响。"
-                  "如需对比，请使用显存更大的 GPU（例如 40 GB 及以上）。")
+                  f"另需保留 {_gb(reserve)}。")
+        if not allow_exclusive and alone is not None and alone - reserve >= fp16_need:
+            reason += ("fp16 模型只能在卸载 4-bit 聊天模型后独占显卡运行，而主机已设置对比期间不暂停聊天"
+                       "（--no-compare-pause-chat / LE_COMPARE_PAUSE_CHAT=0），"
+                       "因此精度对比不可用；聊天功能不受影响。")
+        elif alone is None:
+            reason += ("fp16 与 4-bit 两个模型无法在这张卡上同时运行（聊天模型占用的显存未知，无法规划轮流加载），"
+                       "因此精度对比不可用；聊天功能不受影响。")
+        else:
+            reason += ("即使卸载 4-bit 聊天模型，fp16 模型也放不下，因此精度对比不可用；聊天功能不受影响。"
+                       "如需对比，请使用显存更大的 GPU（例如 24 GB 及以上）。")
         if chat_engine_loaded and free_bytes + awq_weights_bytes + overhead_bytes > fp16_need + reserve:
             reason += "（若在加载聊天模型前规划并调小其 KV 缓存比例 cache_max_entry_count，可能放得下。）"
         return Plan("unavailable", reason, **common)  # type: ignore[arg-type]
@@ -239,6 +271,11 @@ class PlannedProvider:
         gpu_free_total: (free, total) of the GPU, or None without one.
         process_memory: GPU memory this process holds (NVML), to measure what a load took.
         turbomind_available: whether TurboMind runs here (checked lazily by default).
+        suspend_chat: closes the 4-bit chat engine for the block and reloads it after
+            (``ModelService.suspended``), taking Chinese progress lines; None: never ("exclusive"
+            plans are then not made).
+        chat_memory: what closing the chat engine would free (default: this process's GPU
+            memory while no fp16 engine is loaded).
         plan_options: more keyword arguments for ``plan_comparison``.
     """
 
@@ -247,8 +284,12 @@ class PlannedProvider:
                  gpu_free_total: Callable[[], tuple[int, int] | None] = metrics.gpu_free_total,
                  process_memory: Callable[[], int | None] = metrics.gpu_memory_used_by_process,
                  turbomind_available: Callable[[], bool] = _turbomind_available,
+                 suspend_chat: Callable[[Progress], AbstractContextManager[None]] | None = None,
+                 chat_memory: Callable[[], int | None] | None = None,
                  **plan_options: object) -> None:
         self._loader = loader
+        self._suspend = suspend_chat
+        self._chat_memory = chat_memory or process_memory
         self._sizes = sizes
         self._chat_loaded = chat_engine_loaded
         self._gpu = gpu_free_total
@@ -275,8 +316,11 @@ class PlannedProvider:
                                        "请稍后点“重新检测显存”。")
         gpu = self._gpu()
         free, total = gpu if gpu is not None else (None, None)
-        return plan_comparison(free, total, sizes[0], sizes[1], self._chat_loaded(),
-                               turbomind_available=bool(gpu) and self._tm(), **self._options)  # type: ignore[arg-type]
+        loaded = self._chat_loaded()
+        held = self._chat_memory() if loaded and gpu is not None else None
+        options = {"allow_exclusive": self._suspend is not None, **self._options}
+        return plan_comparison(free, total, sizes[0], sizes[1], loaded, chat_held_bytes=held,
+                               turbomind_available=bool(gpu) and self._tm(), **options)  # type: ignore[arg-type]
 
     @property
     def plan(self) -> Plan:
@@ -304,6 +348,15 @@ class PlannedProvider:
             say("另一个对比正在使用 fp16 模型，正在等待它结束…")
             self._lock.acquire()
         try:
+            if self._engine is None and self._suspend is not None and self.current_plan().mode == "exclusive":
+                with self._suspend(say):
+                    engine = self._load(say, exclusive=True)
+                    try:
+                        yield engine
+                    finally:
+                        say("正在释放 fp16 模型的显存…")
+                        self._unload()
+                return
             engine = self._engine
             if engine is None:
                 engine = self._load(say)
@@ -317,11 +370,13 @@ class PlannedProvider:
         finally:
             self._lock.release()
 
-    def _load(self, say: Progress) -> Engine:
-        """Plan with fresh numbers, then load (or refuse)."""
+    def _load(self, say: Progress, exclusive: bool = False) -> Engine:
+        """Plan with fresh numbers, then load (or refuse); ``exclusive``: the chat engine is closed now."""
         plan = self.current_plan()
         if not plan.available or plan.fp16_cache_share is None:
             raise GpuMemoryError(plan.reason, "comparison plan: unavailable")
+        if exclusive:  # the numbers are fresh (chat engine closed); the mode is what the comparison does
+            plan = replace(plan, mode="exclusive")
         say(f"正在加载 fp16 模型（{MODE_LABELS[plan.mode]}，KV 缓存比例 {plan.fp16_cache_share}）…")
         before = self._process_memory()
         start = time.monotonic()
@@ -373,7 +428,9 @@ def plan_before_chat_load(awq_dir: Path, fp16_dir: Path, wanted_share: float) ->
 
 def turbomind_provider(checkpoints: Callable[[], tuple[Path, Path] | None],
                        chat_engine_loaded: Callable[[], bool], *, session_len: int, quant_policy: int = 0,
-                       max_batch_size: int = 4) -> PlannedProvider:
+                       max_batch_size: int = 4,
+                       suspend_chat: Callable[[Progress], AbstractContextManager[None]] | None = None,
+                       ) -> PlannedProvider:
     """A ``PlannedProvider`` that loads the fp16 checkpoint into TurboMind in this process.
 
     Args:
@@ -382,6 +439,7 @@ def turbomind_provider(checkpoints: Callable[[], tuple[Path, Path] | None],
         session_len: the fp16 engine's context window (use the chat engine's).
         quant_policy: KV-cache precision (0, 4 or 8), as the chat engine's.
         max_batch_size: answers the fp16 engine decodes at once (a comparison needs 1).
+        suspend_chat: as ``PlannedProvider``'s (None: no "exclusive" plan).
 
     Returns:
         The provider; nothing is loaded until a comparison asks.
@@ -406,4 +464,4 @@ def turbomind_provider(checkpoints: Callable[[], tuple[Path, Path] | None],
                                     cache_max_entry_count=share, quant_policy=quant_policy,  # type: ignore[arg-type]
                                     max_batch_size=max_batch_size, tp=1, name="fp16")
 
-    return PlannedProvider(load, sizes=sizes, chat_engine_loaded=chat_engine_loaded)
+    return PlannedProvider(load, sizes=sizes, chat_engine_loaded=chat_engine_loaded, suspend_chat=suspend_chat)

@@ -7,15 +7,17 @@ this module is global: ``app.py`` creates one service per engine and passes it o
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 from legal_eagle.engines.base import Engine
-from legal_eagle.errors import EngineError, LegalEagleError
+from legal_eagle.errors import EngineError, GpuMemoryError, LegalEagleError
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +81,21 @@ class Status:
 
 
 class ModelService:
-    """Owns one engine and the story of how it got ready."""
+    """Owns one engine and the story of how it got ready.
+
+    Answers take the engine with ``lease()``. On a GPU too small for two models, the comparison
+    tab borrows the whole card with ``suspended()``: new answers wait (``paused()`` says why),
+    running ones finish, the engine is closed, and reloaded afterwards.
+    """
 
     def __init__(self, preparer: Preparer, name: str = "model", clock: Callable[[], float] = time.monotonic):
         self._preparer = preparer
         self._name = name
         self._clock = clock
         self._lock = threading.Lock()
+        self._leases_changed = threading.Condition(self._lock)
+        self._leases = 0
+        self._paused: str | None = None
         self._engine: Engine | None = None
         self._stage, self._fraction, self._detail = "waiting", None, ""
         self._started = self._stage_started = clock()
@@ -159,7 +169,9 @@ class ModelService:
     def engine(self) -> Engine:
         """The engine, or ``EngineError`` with a Chinese message saying why it is not there."""
         with self._lock:
-            engine = self._engine
+            engine, paused = self._engine, self._paused
+        if paused is not None:
+            raise EngineError(paused, "engine paused")
         if engine is None:
             status = self.status()
             if status.stage == "failed":
@@ -173,6 +185,97 @@ class ModelService:
         """The engine if ready, else None."""
         with self._lock:
             return self._engine
+
+    def paused(self) -> str | None:
+        """While a comparison has the GPU to itself: why answers wait, in Chinese; else None."""
+        with self._lock:
+            return self._paused
+
+    @contextmanager
+    def lease(self) -> Iterator[Engine]:
+        """The engine for one answer; ``suspended()`` waits until every lease has ended.
+
+        Raises:
+            EngineError: not ready, failed, or paused (the message says which, in Chinese).
+        """
+        with self._lock:
+            engine = self._engine if self._paused is None else None
+            if engine is not None:
+                self._leases += 1
+        if engine is None:
+            engine = self.engine  # raises with the reason
+        try:
+            yield engine
+        finally:
+            with self._lock:
+                self._leases -= 1
+                self._leases_changed.notify_all()
+
+    def active_leases(self) -> int:
+        """Answers holding the engine now."""
+        with self._lock:
+            return self._leases
+
+    @contextmanager
+    def suspended(self, reload: Callable[[], Engine], reason: str, drain_timeout_s: float = 120.0,
+                  progress: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Close the engine for the block's duration (new answers wait), then load it again.
+
+        Args:
+            reload: loads the engine again (same checkpoint and settings).
+            reason: what waiting users are told, in Chinese.
+            drain_timeout_s: how long to wait for running answers to finish.
+            progress: Chinese progress lines for the caller's page.
+
+        Raises:
+            GpuMemoryError: running answers did not finish in time (nothing was closed).
+            EngineError: the engine is not ready, or already suspended.
+        """
+        say = progress or (lambda message: None)
+        with self._lock:
+            if self._engine is None or self._paused is not None:
+                raise EngineError("模型当前不可用（未就绪或正被另一个对比占用），请稍后再试。", "cannot suspend")
+            self._paused = reason
+            deadline = self._clock() + drain_timeout_s
+            if self._leases:
+                say(f"等待 {self._leases} 个正在生成的聊天回答结束…")
+            while self._leases and self._clock() < deadline:
+                self._leases_changed.wait(min(1.0, max(0.0, deadline - self._clock())))
+            if self._leases:
+                self._paused = None
+                raise GpuMemoryError(f"有 {self._leases} 个聊天回答仍在生成，暂时无法腾出显存进行对比，请稍后再试。",
+                                     f"{self._leases} answers still running after {drain_timeout_s:.0f} s")
+            engine, self._engine = self._engine, None
+        log.info("%s: engine closed for a comparison (%s)", self._name, reason)
+        say("正在卸载 4-bit 聊天模型…")
+        try:
+            engine.close()
+            del engine
+            gc.collect()
+            yield
+        finally:
+            say("正在重新加载 4-bit 聊天模型…")
+            self._restore(reload)
+
+    def _restore(self, reload: Callable[[], Engine]) -> None:
+        """Load the engine again after ``suspended``; a failure puts the service in ``failed``."""
+        start = self._clock()
+        try:
+            engine = reload()
+        except LegalEagleError as exc:
+            log.error("%s: reload after the comparison failed: %s", self._name, exc)
+            self._fail(f"对比结束后重新加载模型失败：{exc.user_message}（请重启应用）")
+        except Exception as exc:
+            log.exception("%s: reload after the comparison failed", self._name)
+            self._fail(f"对比结束后重新加载模型失败：{type(exc).__name__}: {exc}（请重启应用）")
+        else:
+            with self._lock:
+                self._engine = engine
+            log.info("%s: engine reloaded in %.1f s", self._name, self._clock() - start)
+        finally:
+            with self._lock:
+                self._paused = None
+                self._leases_changed.notify_all()
 
     def close(self) -> None:
         """Release the engine."""

@@ -33,7 +33,7 @@ CARDS = {
 }
 
 
-@pytest.mark.parametrize(("card", "mode"), [("A10 24GB", "unavailable"), ("T4 16GB", "unavailable"),
+@pytest.mark.parametrize(("card", "mode"), [("A10 24GB", "exclusive"), ("T4 16GB", "unavailable"),
                                             ("A100 40GB", "both-resident"), ("A100 80GB", "both-resident"),
                                             ("H100 80GB", "both-resident")])
 def test_plan_before_loading_on_known_cards(card: str, mode: str) -> None:
@@ -43,6 +43,9 @@ def test_plan_before_loading_on_known_cards(card: str, mode: str) -> None:
     if mode == "unavailable":
         assert "显存不足" in plan.reason and "聊天功能不受影响" in plan.reason
         assert plan.fp16_cache_share is None and plan.chat_cache_share is None
+    elif mode == "exclusive":  # the chat engine keeps the share it asked for; the fp16 one gets the card alone
+        assert plan.chat_cache_share is None and plan.fp16_cache_share is not None
+        assert "聊天暂停" in plan.reason and "依次计时" in plan.reason
     else:
         assert plan.fp16_cache_share is not None and 0.01 <= plan.fp16_cache_share <= 0.95
         assert plan.chat_cache_share is not None and 0.01 <= plan.chat_cache_share <= 0.5
@@ -56,13 +59,30 @@ def test_no_gpu_or_no_turbomind_is_unavailable_with_a_chinese_reason() -> None:
         assert "对比不可用" in plan.describe()
 
 
-def test_a10_reason_names_the_numbers() -> None:
-    plan = plan_comparison(*CARDS["A10 24GB"], AWQ_7B, FP16_7B, chat_engine_loaded=False)
-    assert plan.mode == "unavailable"
+def test_a10_plans_exclusive_turns_from_the_numbers() -> None:
+    free, total = CARDS["A10 24GB"]
+    plan = plan_comparison(free, total, AWQ_7B, FP16_7B, chat_engine_loaded=False)
+    assert plan.mode == "exclusive" and plan.available and "轮流独占" in plan.describe()
+    fp16_alone = FP16_7B + ENGINE_OVERHEAD_BYTES + plan.fp16_cache_share * (free - FP16_7B)  # type: ignore[operator]
+    assert fp16_alone <= free - plan.reserve_bytes  # alone on the card it fits
+    assert free - plan.reserve_bytes < FP16_7B + AWQ_7B + 2 * ENGINE_OVERHEAD_BYTES  # together it would not
+    chat_held = int(9.4 * GB)  # the 4-bit engine took its measured 9.4 GB
+    after_chat = plan_comparison(free - chat_held, total, AWQ_7B, FP16_7B, chat_engine_loaded=True,
+                                 chat_held_bytes=chat_held)
+    assert after_chat.mode == "exclusive"
+    unknown = plan_comparison(free - chat_held, total, AWQ_7B, FP16_7B, chat_engine_loaded=True)
+    assert unknown.mode == "unavailable" and "已加载" in unknown.reason and "24.1 GB" in unknown.reason
+
+
+def test_host_can_forbid_pausing_the_chat_and_is_told_why() -> None:
+    plan = plan_comparison(*CARDS["A10 24GB"], AWQ_7B, FP16_7B, chat_engine_loaded=False, allow_exclusive=False)
+    assert plan.mode == "unavailable" and "LE_COMPARE_PAUSE_CHAT" in plan.reason
     assert "24.1 GB" in plan.reason and "15.5 GB" in plan.reason  # the card and the fp16 weights
-    after_chat = plan_comparison(CARDS["A10 24GB"][0] - int(9.4 * GB), CARDS["A10 24GB"][1], AWQ_7B, FP16_7B,
-                                 chat_engine_loaded=True)  # the 4-bit engine took its measured 9.4 GB
-    assert after_chat.mode == "unavailable" and "已加载" in after_chat.reason
+
+
+def test_t4_cannot_hold_fp16_even_alone() -> None:
+    plan = plan_comparison(*CARDS["T4 16GB"], AWQ_7B, FP16_7B, chat_engine_loaded=False)
+    assert plan.mode == "unavailable" and "即使卸载" in plan.reason and "16.1 GB" in plan.reason
 
 
 def test_chat_engine_already_loaded_plans_from_what_it_left() -> None:
@@ -103,7 +123,13 @@ def test_planned_shares_never_overfill_the_card(overhead_gib: float) -> None:
             plan = plan_comparison(free, total, AWQ_7B, FP16_7B, chat_engine_loaded=False)
             if not plan.available:
                 continue
-            assert plan.chat_cache_share and plan.fp16_cache_share
+            assert plan.fp16_cache_share
+            if plan.mode == "exclusive":  # one engine at a time: the fp16 one alone must fit
+                alone = FP16_7B + int(overhead_gib * GiB) + plan.fp16_cache_share * (free - FP16_7B)
+                assert alone <= free - plan.reserve_bytes, (total_gb, used_gb, plan)
+                checked += 1
+                continue
+            assert plan.chat_cache_share
             peak = _simulate(free, total, plan.chat_cache_share, plan.fp16_cache_share,
                              int(overhead_gib * GiB), CONTEXT_BYTES if overhead_gib >= 2 else 0)
             assert peak <= free - plan.reserve_bytes, (total_gb, used_gb, plan)

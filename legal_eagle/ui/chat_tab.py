@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from legal_eagle.ui.widgets import CheckedSlider
 log = logging.getLogger(__name__)
 Turns = list[dict[str, Any]]
 Outputs = tuple[list[dict[str, str]], Turns, str, str]
+_PAUSE_POLL_S = 0.5
 
 
 @dataclass
@@ -75,10 +76,10 @@ class ChatHandlers:
             text = clean_question(question, self.settings.max_input_chars)
             system = clean_persona(persona)
             params = self._params(temperature, top_p, max_new_tokens, repetition_penalty, greedy)
-            engine = self.service.engine
+            self._check_ready()
         except LegalEagleError as exc:
             raise gr.Error(exc.user_message) from None
-        yield from self._answer(text, turns, system, params, engine)
+        yield from self._answer(text, turns, system, params, question)
 
     def regenerate(self, turns: Turns, persona: str, temperature: float, top_p: float,
                    max_new_tokens: int, repetition_penalty: float, greedy: bool) -> Iterator[Outputs]:
@@ -89,12 +90,13 @@ class ChatHandlers:
         try:
             system = clean_persona(persona)
             params = self._params(temperature, top_p, max_new_tokens, repetition_penalty, greedy)
-            engine = self.service.engine
+            self._check_ready()
         except LegalEagleError as exc:
             raise gr.Error(exc.user_message) from None
         question = turns[last_user]["content"]
+        yield from self._wait_while_paused(turns, "")
         del turns[last_user:]
-        yield from self._answer(question, turns, system, params, engine)
+        yield from self._answer(question, turns, system, params, "")
 
     def _params(self, temperature: float, top_p: float, max_new_tokens: int, repetition_penalty: float,
                 greedy: bool) -> SamplingParams:
@@ -102,7 +104,33 @@ class ChatHandlers:
                                  repetition_penalty=repetition_penalty, greedy=greedy,
                                  max_new_tokens_cap=self.settings.max_new_tokens_cap)
 
+    def _check_ready(self) -> None:
+        """Raise the service's Chinese reason when it cannot answer (a comparison's pause is waited out)."""
+        if self.service.paused() is None:
+            self.service.engine  # noqa: B018 (raises EngineError while preparing or after a failure)
+
+    def _wait_while_paused(self, turns: Turns, box: str) -> Iterator[Outputs]:
+        """While a comparison has the GPU to itself, say so and wait (the question stays in its box)."""
+        start = time.monotonic()
+        while (reason := self.service.paused()) is not None:
+            yield self._outputs(turns, box, f"⏳ {reason}（已等待 {time.monotonic() - start:.0f} 秒）")
+            time.sleep(_PAUSE_POLL_S)
+
     def _answer(self, question: str, turns: Turns, persona: str, params: SamplingParams,
+                box: str) -> Iterator[Outputs]:
+        """Wait out a comparison's pause, then stream one answer with the leased engine."""
+        with ExitStack() as stack:
+            while True:
+                yield from self._wait_while_paused(turns, box)
+                try:
+                    engine = stack.enter_context(self.service.lease())
+                    break
+                except LegalEagleError as exc:
+                    if self.service.paused() is None:  # not ready or failed (a new pause: wait again)
+                        raise gr.Error(exc.user_message) from None
+            yield from self._stream(question, turns, persona, params, engine)
+
+    def _stream(self, question: str, turns: Turns, persona: str, params: SamplingParams,
                 engine: Any) -> Iterator[Outputs]:
         """Stream one answer into ``turns`` (in place) and the chatbot."""
         history: list[Message] = [{"role": t["role"], "content": t["content"]} for t in turns]

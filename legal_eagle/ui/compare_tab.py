@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import pandas as pd
 from legal_eagle.compare import (
     MODE_LABELS,
     MODES,
+    BatchRow,
     Contender,
     EngineProvider,
     Mode,
@@ -32,7 +33,9 @@ from legal_eagle.compare import (
     Snapshot,
     agreement,
     batch_table,
+    finish,
     load_questions,
+    run_alone,
     run_batch,
     run_comparison,
     shared_params,
@@ -44,6 +47,7 @@ from legal_eagle.conversation import build_messages, clean_question, trim_to_bud
 from legal_eagle.engines.base import Engine, Message, SamplingParams
 from legal_eagle.errors import LegalEagleError
 from legal_eagle.metrics import format_bytes
+from legal_eagle.planner import Plan
 from legal_eagle.prompts import Prompts
 from legal_eagle.service import ModelService
 from legal_eagle.ui.widgets import CheckedSlider
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 _YIELD_EVERY_S = 0.1
 _POLL_S = 0.5
 State = dict[str, list[dict[str, str]]]
+BUSY = "另一个精度对比正在进行（这张显卡一次只放得下一个模型），请稍后再试。"
 REASONS = {"stop": "完成", "length": "达到最大长度", "abort": "已停止", "error": "出错"}
 
 
@@ -138,7 +143,7 @@ class CompareHandlers:
         return None if total is None else max(0, total - (fp16 or 0))
 
     def _prepare(self, mode: object, greedy: object, temperature: object, top_p: object,
-                 max_new_tokens: object, seed: object) -> tuple[Mode, SamplingParams, Engine]:
+                 max_new_tokens: object, seed: object) -> tuple[Mode, SamplingParams, Plan]:
         """Check the settings, the 4-bit engine and the plan; raise ``gr.Error`` in Chinese."""
         if mode not in MODES:
             raise gr.Error(f"计时方式必须是 {' 或 '.join(MODES)}，收到的是 {mode}。")
@@ -146,13 +151,18 @@ class CompareHandlers:
             params = validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                        repetition_penalty=self.settings.repetition_penalty, greedy=greedy,
                                        seed=seed, max_new_tokens_cap=self.settings.max_new_tokens_cap)
-            awq = self.service.engine
+            if self.service.paused() is not None:
+                raise gr.Error(BUSY)
+            self.service.engine  # noqa: B018 (raises while the chat model is not ready)
         except LegalEagleError as exc:
             raise gr.Error(exc.user_message) from None
         plan = self.provider.plan
         if not plan.available:
             raise gr.Error(plan.reason)
-        return mode, shared_params(params), awq  # type: ignore[return-value]
+        if plan.mode == "exclusive" and mode == "concurrent":
+            gr.Info("这张显卡只放得下一个模型，两个模型无法同时运行：已改为“依次计时”。")
+            mode = "sequential"
+        return mode, shared_params(params), plan  # type: ignore[return-value]
 
     def _acquire(self, acquisition: _Acquisition) -> Iterator[str]:
         """Yield progress lines until the fp16 engine is there; raise ``gr.Error`` if it cannot load."""
@@ -166,6 +176,28 @@ class CompareHandlers:
             log.warning("fp16 engine unavailable: %s", err)
             message = err.user_message if isinstance(err, LegalEagleError) else f"fp16 模型加载失败：{err}"
             raise gr.Error(message)
+
+    @staticmethod
+    def _release(acquisition: _Acquisition) -> Iterator[str]:
+        """Hand the fp16 engine back, yielding progress lines (an exclusive plan reloads the chat model here)."""
+        worker = threading.Thread(target=acquisition.release, name="compare-release", daemon=True)
+        worker.start()
+        start, line = time.monotonic(), "正在释放 fp16 模型…"
+        while worker.is_alive():
+            worker.join(_POLL_S)
+            while not acquisition.messages.empty():
+                line = acquisition.messages.get()
+            yield f"{line}（{time.monotonic() - start:.0f} 秒）"
+
+    @contextmanager
+    def _chat_engine(self) -> Iterator[Engine]:
+        """The 4-bit chat engine, leased so that no comparison closes it meanwhile; ``gr.Error`` if gone."""
+        with ExitStack() as stack:
+            try:
+                engine = stack.enter_context(self.service.lease())
+            except LegalEagleError as exc:
+                raise gr.Error(exc.user_message) from None
+            yield engine
 
     def _contender(self, key: str, engine: Engine, persona: str, history: list[Message], question: str,
                    params: SamplingParams, memory: Callable[[], int | None]) -> tuple[Contender, int]:
@@ -186,32 +218,79 @@ class CompareHandlers:
             text = clean_question(question, self.settings.max_input_chars)
         except LegalEagleError as exc:
             raise gr.Error(exc.user_message) from None
-        run_mode, params, awq = self._prepare(mode, greedy, temperature, top_p, max_new_tokens, seed)
+        run_mode, params, plan = self._prepare(mode, greedy, temperature, top_p, max_new_tokens, seed)
+        hist = {k: [{"role": t["role"], "content": t["content"]} for t in state[k]] for k in state}
+        if plan.mode == "exclusive":
+            yield from self._compare_in_turns(text, state, hist, persona, params, question)
+            return
         acquisition = _Acquisition(self.provider)
         try:
             for line in self._acquire(acquisition):
                 yield self._outputs(state, None, line, question)
             fp16 = acquisition.engine
             assert fp16 is not None
-            hist = {k: [{"role": t["role"], "content": t["content"]} for t in state[k]] for k in state}
-            left, dropped = self._contender("left", fp16, persona, hist["left"], text, params,  # type: ignore[arg-type]
-                                            self.provider.held_bytes)
-            right, _ = self._contender("right", awq, persona, hist["right"], text, params,  # type: ignore[arg-type]
-                                       self._awq_memory)
-            for side in ("left", "right"):
-                state[side] += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-            note = f"（为适应上下文，最早的 {dropped} 条消息未发送）" if dropped else ""
-            last, snap = 0.0, None
-            with closing(run_comparison(left, right, params, run_mode)) as steps:
-                for snap in steps:
-                    state["left"][-1]["content"] = snap.left.text
-                    state["right"][-1]["content"] = snap.right.text
-                    if snap.done or time.monotonic() - last >= _YIELD_EVERY_S:
-                        last = time.monotonic()
-                        status = "对比完成" if snap.done else f"正在生成…（{MODE_LABELS[run_mode]}）"
-                        yield self._outputs(state, snap, f"{status}{note}", "" if snap.done else question)
+            with self._chat_engine() as awq:
+                left, dropped = self._contender("left", fp16, persona, hist["left"], text, params,  # type: ignore[arg-type]
+                                                self.provider.held_bytes)
+                right, _ = self._contender("right", awq, persona, hist["right"], text, params,  # type: ignore[arg-type]
+                                           self._awq_memory)
+                self._open_turn(state, text)
+                note = f"（为适应上下文，最早的 {dropped} 条消息未发送）" if dropped else ""
+                last, snap = 0.0, None
+                with closing(run_comparison(left, right, params, run_mode)) as steps:
+                    for snap in steps:
+                        state["left"][-1]["content"] = snap.left.text
+                        state["right"][-1]["content"] = snap.right.text
+                        if snap.done or time.monotonic() - last >= _YIELD_EVERY_S:
+                            last = time.monotonic()
+                            status = "对比完成" if snap.done else f"正在生成…（{MODE_LABELS[run_mode]}）"
+                            yield self._outputs(state, snap, f"{status}{note}", "" if snap.done else question)
         finally:
             acquisition.release()
+
+    def _compare_in_turns(self, text: str, state: State, hist: dict[str, list[dict[str, str]]], persona: str,
+                          params: SamplingParams, question: str) -> Iterator[tuple]:
+        """The exclusive plan: the 4-bit chat engine answers first, then the fp16 engine alone on the card."""
+        snap = Snapshot("sequential", params, SideResult("left", self.labels[0]), SideResult("right", self.labels[1]))
+        turn = "轮流独占显存：先 4-bit，再卸载它、加载 fp16"
+        with self._chat_engine() as awq:
+            right, dropped = self._contender("right", awq, persona, hist["right"], text, params,  # type: ignore[arg-type]
+                                             self._awq_memory)
+            self._open_turn(state, text)
+            note = f"（为适应上下文，最早的 {dropped} 条消息未发送）" if dropped else ""
+            yield from self._side_alone(right, snap, state, params, f"4-bit 模型正在生成…（{turn}）{note}", question)
+        acquisition = _Acquisition(self.provider)
+        try:
+            for line in self._acquire(acquisition):
+                yield self._outputs(state, snap, line, question)
+            fp16 = acquisition.engine
+            assert fp16 is not None
+            left, _ = self._contender("left", fp16, persona, hist["left"], text, params,  # type: ignore[arg-type]
+                                      self.provider.held_bytes)
+            yield from self._side_alone(left, snap, state, params, f"fp16 模型正在生成…（{turn}）{note}", question)
+            for line in self._release(acquisition):
+                yield self._outputs(state, snap, line, question)
+        finally:
+            acquisition.release()
+        yield self._outputs(state, finish(snap), f"对比完成（{MODE_LABELS['sequential']}，{turn}）{note}", "")
+
+    def _side_alone(self, contender: Contender, snap: Snapshot, state: State, params: SamplingParams,
+                    status: str, box: str) -> Iterator[tuple]:
+        """Stream one side alone into ``snap`` and its conversation, a page update every 100 ms."""
+        result = contender.result()
+        setattr(snap, contender.key, result)
+        last = 0.0
+        with closing(run_alone(contender, params, result)) as steps:
+            for side in steps:
+                state[contender.key][-1]["content"] = side.text
+                if time.monotonic() - last >= _YIELD_EVERY_S:
+                    last = time.monotonic()
+                    yield self._outputs(state, snap, status, box)
+
+    @staticmethod
+    def _open_turn(state: State, text: str) -> None:
+        for side in ("left", "right"):
+            state[side] += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
 
     def _outputs(self, state: State, snap: Snapshot | None, status: str, box: str) -> tuple:
         """Values for the tab's output components."""
@@ -231,34 +310,79 @@ class CompareHandlers:
     def batch(self, persona: str, mode: str, greedy: bool, temperature: float, top_p: float,
               max_new_tokens: int, seed: float | None) -> Iterator[tuple[pd.DataFrame, str | None, str]]:
         """Compare every shipped question; stream the table, then offer it as CSV."""
-        run_mode, params, awq = self._prepare(mode, greedy, temperature, top_p, max_new_tokens, seed)
+        run_mode, params, plan = self._prepare(mode, greedy, temperature, top_p, max_new_tokens, seed)
         columns = table_columns()
+        total = len(self.questions)
+        rows: list[BatchRow] = []
+        label = MODE_LABELS[run_mode]
+        if plan.mode == "exclusive":
+            label += "，轮流独占显存：先全部 4-bit，再全部 fp16"
+            progress = self._batch_in_turns(persona, params, rows)
+        else:
+            progress = self._batch_together(persona, params, run_mode, rows)
+        for line in progress:
+            yield pd.DataFrame(batch_table(rows), columns=columns), None, f"{line}（{label}）"
+        folder = Path(tempfile.mkdtemp(prefix="legal-eagle-compare-"))
+        path = write_csv(rows, folder / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+        yield (pd.DataFrame(batch_table(rows), columns=columns), str(path),
+               f"批量对比完成：{total} 个问题（{label}，{_sampling_label(params)}）")
+
+    def _batch_together(self, persona: str, params: SamplingParams, run_mode: Mode,
+                        rows: list[BatchRow]) -> Iterator[str]:
+        """Both engines loaded together: question by question (``run_batch``); appends to ``rows``."""
         acquisition = _Acquisition(self.provider)
         try:
-            for line in self._acquire(acquisition):
-                yield pd.DataFrame(columns=columns), None, line
+            yield from self._acquire(acquisition)
             fp16 = acquisition.engine
             assert fp16 is not None
+            with self._chat_engine() as awq:
+                def contenders(question: str) -> tuple[Contender, Contender]:
+                    left, _ = self._contender("left", fp16, persona, [], question, params, self.provider.held_bytes)
+                    right, _ = self._contender("right", awq, persona, [], question, params, self._awq_memory)
+                    return left, right
 
-            def contenders(question: str) -> tuple[Contender, Contender]:
-                held = self.provider.held_bytes
-                left, _ = self._contender("left", fp16, persona, [], question, params, held)
-                right, _ = self._contender("right", awq, persona, [], question, params, self._awq_memory)
-                return left, right
-
-            rows = []
-            total = len(self.questions)
-            yield pd.DataFrame(columns=columns), None, f"批量对比进行中：0/{total}（{MODE_LABELS[run_mode]}）"
-            for row in run_batch(self.questions, contenders, params, run_mode):
-                rows.append(row)
-                frame = pd.DataFrame(batch_table(rows), columns=columns)
-                yield frame, None, f"批量对比进行中：{len(rows)}/{total}（{MODE_LABELS[run_mode]}）"
-            folder = Path(tempfile.mkdtemp(prefix="legal-eagle-compare-"))
-            path = write_csv(rows, folder / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.csv")
-            yield (pd.DataFrame(batch_table(rows), columns=columns), str(path),
-                   f"批量对比完成：{total} 个问题（{MODE_LABELS[run_mode]}，{_sampling_label(params)}）")
+                yield f"批量对比进行中：0/{len(self.questions)}"
+                for row in run_batch(self.questions, contenders, params, run_mode):
+                    rows.append(row)
+                    yield f"批量对比进行中：{len(rows)}/{len(self.questions)}"
         finally:
             acquisition.release()
+
+    def _batch_in_turns(self, persona: str, params: SamplingParams, rows: list[BatchRow]) -> Iterator[str]:
+        """The exclusive plan: every question on the 4-bit chat engine, then every one on the fp16 engine
+        alone (one swap for the whole batch); appends to ``rows`` as the fp16 answers complete."""
+        total, right = len(self.questions), []
+        with self._chat_engine() as awq:
+            for index, question in enumerate(self.questions, start=1):
+                yield f"第一轮（4-bit）：{index - 1}/{total}"
+                contender, _ = self._contender("right", awq, persona, [], question, params, self._awq_memory)
+                with closing(run_alone(contender, params)) as steps:
+                    right.append(_last(steps))
+        acquisition = _Acquisition(self.provider)
+        try:
+            yield from self._acquire(acquisition)
+            fp16 = acquisition.engine
+            assert fp16 is not None
+            for index, question in enumerate(self.questions, start=1):
+                yield f"第二轮（fp16）：{index - 1}/{total}"
+                contender, _ = self._contender("left", fp16, persona, [], question, params, self.provider.held_bytes)
+                with closing(run_alone(contender, params)) as steps:
+                    left = _last(steps)
+                rows.append(BatchRow(index, question, "sequential", left, right[index - 1],
+                                     agreement(left.text, right[index - 1].text)))
+            yield f"第二轮（fp16）：{total}/{total}"
+            yield from self._release(acquisition)
+        finally:
+            acquisition.release()
+
+
+def _last(steps: Iterator[SideResult]) -> SideResult:
+    """The final result of ``run_alone``."""
+    result = None
+    for result in steps:  # noqa: B007
+        pass
+    assert result is not None
+    return result
 
 
 def _sampling_label(params: SamplingParams) -> str:

@@ -9,6 +9,9 @@ from legal_eagle.service import ModelService, Status
 
 def status_markdown(status: Status, service: ModelService) -> str:
     """Markdown for the model status line."""
+    paused = service.paused()
+    if paused is not None:
+        return f"🟡 **{paused}**"
     if status.ready:
         engine = service.engine_or_none
         if engine is None:
