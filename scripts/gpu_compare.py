@@ -3,7 +3,7 @@
 
 Given a RANDOM 7B-shaped fp16 checkpoint (InternLM2 or Llama layout) and its AWQ copy::
 
-    python3 scripts/gpu_compare.py --fp16 DIR --awq DIR [--out "$OUT"] [--scenarios 24,36,full]
+    python3 scripts/gpu_compare.py --fp16 DIR --awq DIR [--out "$OUT"] [--scenarios 23.7,36,full]
 
 or let ``scripts/gpu_proof.py``'s build stages make them first (random weights, about a minute)::
 
@@ -11,8 +11,9 @@ or let ``scripts/gpu_proof.py``'s build stages make them first (random weights, 
 
 Each scenario runs in its own process (TurboMind aborts the process when a load runs out of
 memory, and memory is only honestly free in a fresh process). A scenario with a number
-first fills the GPU with a torch ballast tensor so that only that many GB stay free (24: an
-A10-sized card; 36: tight); "full" uses the whole GPU. Then, like the app: plan before
+first fills the GPU with a torch ballast tensor so that only that many GB stay free (23.7: an
+A10 24 GB after boot, planned with its 24.1 GB total; 36: tight); "full" uses the whole
+GPU. Then, like the app: plan before
 loading, load the 4-bit chat engine with the plan's KV share, build the comparison tab
 (``build_compare_tab`` in its own Blocks) and drive it with gradio_client: the plan, one
 comparison per timing mode, a batch over the shipped questions (CSV) while a chat answer
@@ -74,7 +75,7 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
     from legal_eagle.config import Settings
     from legal_eagle.engines.base import Message, SamplingParams
     from legal_eagle.engines.turbomind import TurbomindEngine
-    from legal_eagle.planner import PlannedProvider, plan_comparison, weights_bytes
+    from legal_eagle.planner import PAUSE_REASON, PlannedProvider, plan_comparison, weights_bytes
     from legal_eagle.prompts import load_prompts
     from legal_eagle.service import ModelService
     from legal_eagle.ui.compare_tab import CompareHandlers, build_compare_tab
@@ -98,6 +99,8 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
             ballast = torch.empty(take, dtype=torch.uint8, device="cuda")
     mark("ballast placed" if ballast is not None else "start")
     free, total = metrics.gpu_free_total()  # type: ignore[misc]
+    if ballast is not None:  # plan as on a card of that size: an A10 has 23.7 of 24.1 GB free after boot
+        total = min(total, int((float(args.child) + 0.45) * 1e9))  # (reserve and headroom are shares of it)
     awq_w, fp16_w = weights_bytes(args.awq), weights_bytes(args.fp16)
     res.update(total=total, free_at_plan=free, awq_weights=awq_w, fp16_weights=fp16_w,
                ballast=ballast.numel() if ballast is not None else 0)
@@ -108,14 +111,23 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
     chat_share = startup.chat_cache_share or args.cache
     before = proc_mem()
     start = time.perf_counter()
-    chat = TurbomindEngine.load(args.awq, model_format="awq", session_len=args.session_len,
-                                cache_max_entry_count=chat_share, quant_policy=0,
-                                max_batch_size=args.max_batch, tp=1, name="4-bit AWQ")
+    chat_loads: list[float] = []
+
+    def load_chat() -> Any:
+        started = time.perf_counter()
+        engine = TurbomindEngine.load(args.awq, model_format="awq", session_len=args.session_len,
+                                      cache_max_entry_count=chat_share, quant_policy=0,
+                                      max_batch_size=args.max_batch, tp=1, name="4-bit AWQ")
+        chat_loads.append(round(time.perf_counter() - started, 1))
+        mark("4-bit chat engine loaded")
+        return engine
+
+    chat = load_chat()
     res["chat_load_s"] = round(time.perf_counter() - start, 1)
     after = proc_mem()
     awq_bytes = None if after is None else after - (before or 0)
     res.update(chat_share=chat_share, awq_engine_bytes=awq_bytes)
-    mark("4-bit chat engine loaded")
+    service = ModelService.ready_with(chat, name="chat")
     fp16_loads: list[dict[str, Any]] = []
 
     def load_fp16(share: float) -> Any:
@@ -128,12 +140,24 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
         mark("fp16 engine loaded")
         return engine
 
-    provider = PlannedProvider(load_fp16, sizes=lambda: (awq_w, fp16_w), chat_engine_loaded=lambda: True,
-                               process_memory=proc_mem)
+    def suspend_chat(say: Any) -> Any:
+        def said(line: str) -> None:
+            mark(line)
+            say(line)
+        return service.suspended(load_chat, PAUSE_REASON, progress=said)
+
+    def gpu_free_total() -> tuple[int, int] | None:
+        now = metrics.gpu_free_total()
+        return None if now is None else (now[0], total)
+
+    provider = PlannedProvider(load_fp16, sizes=lambda: (awq_w, fp16_w),
+                               chat_engine_loaded=lambda: service.engine_or_none is not None,
+                               gpu_free_total=gpu_free_total, process_memory=proc_mem, suspend_chat=suspend_chat,
+                               chat_memory=lambda: awq_bytes)
     res["plan_after_chat"] = provider.plan.as_dict()
     settings = Settings(session_len=args.session_len, max_new_tokens_cap=min(args.session_len, 4096))
     questions = load_questions()[: args.questions]
-    handlers = CompareHandlers(ModelService.ready_with(chat, name="chat"), provider, settings, load_prompts(),
+    handlers = CompareHandlers(service, provider, settings, load_prompts(),
                                questions=questions, chat_memory=lambda: awq_bytes)
     with gr.Blocks() as demo:
         build_compare_tab(handlers)
@@ -157,16 +181,30 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(res["single"][mode], ensure_ascii=False, indent=1), flush=True)
     chat_during: dict[str, Any] = {}
 
-    def chat_while_batch() -> None:
+    def chat_while_batch() -> None:  # as the chat tab does: wait out a pause, then lease the engine
         time.sleep(2.0)
-        started, tokens, reason = time.perf_counter(), 0, None
+        started, tokens, reason, waited = time.perf_counter(), 0, None, 0.0
         try:
             messages: list[Message] = [{"role": "system", "content": PERSONA},
                                        {"role": "user", "content": "房东不退押金怎么办？"}]
-            for chunk in chat.stream(messages, SamplingParams(max_new_tokens=args.tokens, greedy=True)):
-                tokens, reason = chunk.n_tokens, chunk.finish_reason or reason
+            while True:
+                while service.paused() is not None:
+                    time.sleep(0.2)
+                try:
+                    lease = service.lease()
+                    engine = lease.__enter__()
+                    break
+                except Exception:
+                    if service.paused() is None:
+                        raise
+            waited = time.perf_counter() - started
+            try:
+                for chunk in engine.stream(messages, SamplingParams(max_new_tokens=args.tokens, greedy=True)):
+                    tokens, reason = chunk.n_tokens, chunk.finish_reason or reason
+            finally:
+                lease.__exit__(None, None, None)
             seconds = round(time.perf_counter() - started, 2)
-            chat_during.update(tokens=tokens, finish_reason=reason, seconds=seconds)
+            chat_during.update(tokens=tokens, finish_reason=reason, seconds=seconds, waited_s=round(waited, 2))
         except Exception as exc:
             chat_during.update(error=f"{type(exc).__name__}: {exc}")
 
@@ -181,11 +219,12 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
     chatter.join()
     res["chat_during_batch"] = chat_during
     mark("after batch")
-    res.update(fp16_loads=fp16_loads, provider_loads=provider.loads)
+    res.update(fp16_loads=fp16_loads, provider_loads=provider.loads, chat_loads=chat_loads,
+               plan_in_force=provider.plan.mode)
     demo.close()
     provider.close()
     mark("fp16 provider closed")
-    chat.close()
+    service.close()
     return res
 
 
@@ -195,6 +234,8 @@ def summary(results: list[dict[str, Any]]) -> str:
             "| 4-bit Δ GB | fp16 loads (s) | batch fp16 TTFT ms / tok/s | batch 4-bit TTFT ms / tok/s "
             "| similarity | same cites | chat during batch |")
     lines = [head, "|" + "---|" * 12]
+    head = head.replace("| fp16 loads (s) |", "| fp16 / 4-bit loads (s) |")
+    lines[0] = head
     for r in results:
         if "error" in r:
             failed = f"ABORTED/FAILED rc={r.get('rc')}"
@@ -202,7 +243,8 @@ def summary(results: list[dict[str, Any]]) -> str:
             continue
         batch = r.get("batch", {})
         cols = dict(zip(batch.get("headers", []), batch.get("total", []), strict=False))
-        loads = ", ".join(str(x["load_s"]) for x in r.get("fp16_loads", [])) or "0"
+        loads = (", ".join(str(x["load_s"]) for x in r.get("fp16_loads", [])) or "0") + " / " + (
+            ", ".join(str(x) for x in r.get("chat_loads", [])) or "—")
         chat = r.get("chat_during_batch", {})
         lines.append(
             f"| {r['scenario']} | {_gb(r['total'])} / {_gb(r['free_at_plan'])} | {r['plan_startup']['mode']} "
@@ -210,7 +252,8 @@ def summary(results: list[dict[str, Any]]) -> str:
             f"| {cols.get('fp16_ttft_ms', '—')} / {cols.get('fp16_decode_tok_s', '—')} "
             f"| {cols.get('awq_ttft_ms', '—')} / {cols.get('awq_decode_tok_s', '—')} "
             f"| {cols.get('char_similarity', '—')} | {cols.get('same_citations', '—')} "
-            f"| {chat.get('finish_reason', chat.get('error', '—'))} {chat.get('tokens', '')} |")
+            f"| {chat.get('finish_reason', chat.get('error', '—'))} {chat.get('tokens', '')} "
+            f"(waited {chat.get('waited_s', '—')} s) |")
     for r in results:
         detail = json.dumps(r, ensure_ascii=False, indent=1)[:6000]
         lines += ["", f"## {r['scenario']}", "", "```", detail, "```"]
@@ -234,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--awq", type=Path, help="its AWQ 4-bit copy")
     p.add_argument("--make", type=Path, help="build random 7B checkpoints here first (gpu_proof.py)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_compare_out")))
-    p.add_argument("--scenarios", default="24,36,full", help="GB left free by a ballast tensor, or 'full'")
+    p.add_argument("--scenarios", default="23.7,36,full", help="GB left free by a ballast tensor, or 'full'")
     p.add_argument("--questions", type=int, default=4, help="batch questions (of the shipped 12)")
     p.add_argument("--tokens", type=int, default=256, help="max_new_tokens per answer")
     p.add_argument("--session-len", type=int, default=4096)

@@ -41,7 +41,7 @@ t) python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/
    tail -5 "$L/bench_make.log"; ls $B $B/awq; du -sh $R7 $B/llama $B/awq
    left=$((${LE_LIMIT:-575} - SECONDS))   # then, in the time left, the compare tab with only 24 GB free (step b's hard case)
    [ -f $B/awq/config.json ] && [ $left -gt 90 ] && timeout $left python3 scripts/gpu_compare.py --fp16 $B/llama \
-     --awq $B/awq --out "$L/compare" --scenarios 24 --timeout $((left - 10)) 2>&1 | tee "$L/compare.log" | tail -25 ;;
+     --awq $B/awq --out "$L/compare" --scenarios 23.7 --timeout $((left - 10)) 2>&1 | tee "$L/compare.log" | tail -25 ;;
 f) timeout 100 python3 -m pytest -q -rs -m gpu tests/gpu/test_turbomind_engine.py -k "greedy or seeded" \
      -p no:cacheprovider 2>&1 | tee "$L/pytest_greedy.log" | tail -5
    timeout 480 python3 scripts/gpu_first_start.py --work $W --out "$FS" --limit 300 2>&1 \
@@ -51,7 +51,7 @@ f1) timeout 570 python3 scripts/gpu_first_start.py --work $W --out "$FS" --runs 
 f2) timeout 300 python3 scripts/gpu_first_start.py --work $W --out "$FS" --runs second --limit 240 2>&1 \
      | tee "$L/second_start.log" | tail -30; cp -r "$FS" "$L/" ;;
 b) timeout 560 python3 scripts/gpu_compare.py --fp16 "$fp16" --awq "$awq" \
-     --out "$L/compare" --scenarios 24,full --timeout 200 2>&1 | tee "$L/compare.log" | tail -40 ;;
+     --out "$L/compare" --scenarios 23.7,full --timeout 200 2>&1 | tee "$L/compare.log" | tail -40 ;;
 c) timeout $((${LE_LIMIT:-580} - 100)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
      --work-dir $B --parts serve,prefix,kv8g,warm --quick --json "$L/bench.json" --out "$L/benchmarks.md" 2>&1 \
      | tee "$L/bench.log" | tail -60
