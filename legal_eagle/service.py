@@ -106,7 +106,8 @@ class ModelService:
     @classmethod
     def ready_with(cls, engine: Engine, name: str = "model") -> ModelService:
         """A service whose engine is already loaded (tests, and engines made elsewhere)."""
-        service = cls(lambda progress: engine, name=name)
+        handed = [engine]  # handed over once: a closed engine must not stay referenced here
+        service = cls(lambda progress: handed.pop(), name=name)
         service.run()
         return service
 

@@ -128,6 +128,7 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
     awq_bytes = None if after is None else after - (before or 0)
     res.update(chat_share=chat_share, awq_engine_bytes=awq_bytes)
     service = ModelService.ready_with(chat, name="chat")
+    del chat  # the service owns it: a comparison closes it, and no reference here may pin its memory
     fp16_loads: list[dict[str, Any]] = []
 
     def load_fp16(share: float) -> Any:

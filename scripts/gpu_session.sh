@@ -12,6 +12,7 @@
 #   bash scripts/gpu_session.sh b    # fp16 vs 4-bit: the compare tab at 24 GB free and on the full GPU
 #   bash scripts/gpu_session.sh c    # python -m legal_eagle.bench (raw vs app, prefix caching, KV in 8 GB, warm start; fp16)
 #   bash scripts/gpu_session.sh c2   # the bench's 4-bit decode experiments (target 6)
+#   bash scripts/gpu_session.sh x    # on a fresh machine: t's checkpoints, then the compare tab at 23.7 GB free
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
 # LE_LIMIT: seconds this step may take in all (default 575; the device call is 600 s with the install).
 # Logs go to /tmp/L/<step> and come back as $OUT/logs_<step>.tgz (the device returns at most 8 files).
@@ -58,6 +59,11 @@ c) timeout $((${LE_LIMIT:-580} - 100)) python3 -m legal_eagle.bench --model-dir 
    left=$((${LE_LIMIT:-580} - SECONDS))   # the fp16 engine's memory and speed in the time left
    [ $left -gt 60 ] && timeout $left python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" --work-dir $B \
      --parts fp16 --quick --json "$L/bench_fp16.json" 2>&1 | tee "$L/bench_fp16.log" | tail -30 ;;
+x) [ -f $B/awq/config.json ] || timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B \
+     --awq-dir $B/awq --parts warm --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1   # the checkpoints t makes
+   tail -3 "$L/bench_make.log"; left=$((${LE_LIMIT:-575} - SECONDS))   # the compare tab at 23.7 GB free (in turns)
+   timeout $left python3 scripts/gpu_compare.py --fp16 $B/llama --awq $B/awq --out "$L/compare" --scenarios 23.7 \
+     --timeout $((left - 10)) 2>&1 | tee "$L/compare.log" | grep -E "^\[|^\|" | tail -40 ;;
 c2) timeout 560 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" --work-dir $B \
      --parts tune --tune-variants mbs1,tune-full --quick --json "$L/bench_tune.json" 2>&1 | tee "$L/bench_tune.log" | tail -40 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;

@@ -450,7 +450,9 @@ class TurbomindEngine:
         signalled = [run for run in runs if self._signal_stop(run)]  # all at once: none takes a freed slot
         for run in signalled:
             self._wait_stopped(run)
+        pipe, self._pipe = self._pipe, None  # a reference left to this engine must not pin the weights
         try:
-            self._pipe.close()
+            pipe.close()
         except Exception as exc:
             log.warning("closing the TurboMind pipeline failed: %s", exc)
+        del pipe
