@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU proof session, cut into steps that each fit one 10-minute device call.
 # On the GPU machine, from the repo root, after `bash .gpu/install.sh` (../shared/gpu/README.md), staged with
-#   ../shared/gpu/prepare.sh gradio==6.31.0 modelscope==1.40.2 openai openai_harmony
-# (`lmdeploy serve api_server` imports openai, a dependency of lmdeploy that the GPU image lacks):
+#   ../shared/gpu/prepare.sh gradio==6.31.0 modelscope==1.40.2 openai openai_harmony sniffio anyio
+# (`lmdeploy serve api_server` imports openai, a dependency of lmdeploy that the GPU image lacks, and openai sniffio):
 #   bash scripts/gpu_session.sh a    # GPU tests: TurboMind engine, InternLM2 reader == converted Llama, AWQ on CUDA
 #   bash scripts/gpu_session.sh t    # greedy/seeded, GPU reliability suite, remote engine vs a real api_server (+ the
 #                                    # app page); meanwhile the bench makes random 7B fp16 + data-free AWQ copies for b and c
@@ -35,7 +35,7 @@ t) python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/
    timeout 60 python3 -m pytest -q -rs -m gpu tests/gpu/test_turbomind_engine.py -k "greedy or seeded" \
      -p no:cacheprovider 2>&1 | tee "$L/pytest_greedy.log" | tail -5
    timeout 200 python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py -p no:cacheprovider 2>&1 \
-     | tee "$L/pytest_reliability.log" | grep -E "RELIABILITY|GPU |passed|failed|Error" | tail -30
+     | tee "$L/pytest_reliability.log" | grep -E "RELIABILITY|LOST|GPU |passed|failed|Error" | tail -30
    timeout 150 python3 -m pytest -q -s -rs -m gpu tests/test_remote_engine.py -k real_api_server \
      -p no:cacheprovider 2>&1 | tee "$L/pytest_remote.log" | grep -E '^\{|passed|failed|Error' | tail -10
    timeout 150 tail --pid=$mk -f /dev/null; kill $mk 2>/dev/null

@@ -78,8 +78,10 @@ class Tally:
             self.held += 1
 
     def line(self) -> str:
-        return (f"RELIABILITY | {self.case} | tried={self.tried} | held={self.held} | "
+        """The RELIABILITY line, then one LOST line per lost attempt (the reason survives a killed run)."""
+        head = (f"RELIABILITY | {self.case} | tried={self.tried} | held={self.held} | "
                 f"lost={self.tried - self.held}")
+        return "\n".join([head, *(f"  LOST | {reason}" for reason in self.lost)])
 
 
 @contextmanager

@@ -563,3 +563,19 @@ def test_engine_close_cancels_a_request_waiting_for_a_slot(tiny_tokenizer_dir: P
     assert core.session_mgr.sessions == {}
     first.close()
     assert engine.active_generations() == 0
+
+
+def test_close_lets_go_of_the_pipeline_so_a_kept_reference_does_not_pin_the_weights() -> None:
+    """On the H200 a closed chat engine still referenced by the caller kept 6.0 of its 15.8 GB (the
+    weights live as long as the pipeline object): close() must drop it, and closing twice is harmless."""
+    import gc
+    import weakref
+
+    engine, pipe = make_engine()
+    assert list(engine.stream(MESSAGES, GREEDY))[-1].finish_reason
+    gone = weakref.ref(pipe)
+    del pipe
+    engine.close()
+    engine.close()
+    gc.collect()
+    assert gone() is None  # nothing in the engine keeps the pipeline (and so TurboMind's weights) alive
