@@ -73,7 +73,12 @@ def test_health_payload_states() -> None:
     assert body["platform"] == {"ok": True}
     release.set()
     assert service.wait(10)
-    assert health_payload({"chat": service})[0] == 200
+    status, body = health_payload({"chat": service})
+    assert status == 200 and body["services"]["chat"]["paused"] is None
+    with service.suspended(lambda: FakeEngine(), "精度对比进行中，聊天暂停。"):  # a comparison has the GPU
+        status, body = health_payload({"chat": service})
+        assert status == 200 and body["services"]["chat"]["paused"] == "精度对比进行中，聊天暂停。"
+    assert health_payload({"chat": service})[1]["services"]["chat"]["paused"] is None
 
     def fail(progress: Any) -> FakeEngine:
         raise ModelPreparationError("下载模型失败：网络不可用。", "offline")

@@ -44,7 +44,9 @@ def health_payload(services: Mapping[str, ModelService],
 
     Returns:
         200 when all services are ready, else 503; the body has ``status`` (ready, preparing,
-        failed), ``ready`` and each service's ``Status.as_dict()``.
+        failed), ``ready`` and each service's ``Status.as_dict()`` plus ``paused``: why answers
+        wait while a comparison has the GPU to itself (still 200: the app serves, a restart
+        would lose the waiting questions), else null.
     """
     statuses = {name: service.status() for name, service in services.items()}
     if statuses and all(s.ready for s in statuses.values()):
@@ -54,7 +56,8 @@ def health_payload(services: Mapping[str, ModelService],
     else:
         overall = "preparing"
     body: dict[str, Any] = {"status": overall, "ready": overall == "ready",
-                            "services": {name: s.as_dict() for name, s in statuses.items()}}
+                            "services": {name: {**s.as_dict(), "paused": services[name].paused()}
+                                         for name, s in statuses.items()}}
     if extra is not None:
         body.update(extra())
     return (200 if overall == "ready" else 503), body
