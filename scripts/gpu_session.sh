@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU proof session, cut into steps that each fit one 10-minute device call.
 # On the GPU machine, from the repo root, after `bash .gpu/install.sh` (../shared/gpu/README.md), staged with
-#   ../shared/gpu/prepare.sh gradio==6.31.0 modelscope==1.40.2 openai openai_harmony sniffio anyio
-# (`lmdeploy serve api_server` imports openai, a dependency of lmdeploy that the GPU image lacks, and openai sniffio):
+#   ../shared/gpu/prepare.sh gradio==6.31.0 modelscope==1.40.2 openai openai_harmony
+#   pip download --no-deps -d .gpu/extra sniffio      # and carry ".gpu/extra" with the last piece
+# (`lmdeploy serve api_server` imports openai, a dependency of lmdeploy that the GPU image lacks; openai imports
+# sniffio, which prepare.sh leaves out as "in the image" but the image's venv lacks; installed below if carried):
 #   bash scripts/gpu_session.sh a    # GPU tests: TurboMind engine, InternLM2 reader == converted Llama, AWQ on CUDA
 #   bash scripts/gpu_session.sh t    # greedy/seeded, GPU reliability suite, remote engine vs a real api_server (+ the
 #                                    # app page); meanwhile the bench makes random 7B fp16 + data-free AWQ copies for b and c
@@ -19,6 +21,7 @@
 set -uo pipefail
 step=${1:?step a, t, f, f1, f2, b or c}
 . /opt/lmd/env.sh
+ls .gpu/extra/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /opt/lmd/site .gpu/extra/*.whl
 export TM_COMM_NVLS_ENABLE=0 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 L=/tmp/L/$step; mkdir -p "$L"; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 trap 'tar czf "$OUT/logs_$step.tgz" -C "$L" .' EXIT
