@@ -199,12 +199,13 @@ class ModelService:
         Raises:
             EngineError: not ready, failed, or paused (the message says which, in Chinese).
         """
-        with self._lock:
-            engine = self._engine if self._paused is None else None
-            if engine is not None:
-                self._leases += 1
-        if engine is None:
-            engine = self.engine  # raises with the reason
+        while True:
+            with self._lock:
+                engine = self._engine if self._paused is None else None
+                if engine is not None:
+                    self._leases += 1
+                    break
+            self.engine  # noqa: B018 (raises with the reason; returns only if it came back just now: retry)
         try:
             yield engine
         finally:

@@ -249,3 +249,20 @@ def test_tab_batch_swaps_once_for_all_questions(app: tuple[Card, Any]) -> None:
     rows = [r for r in table["data"] if r[0] != "总计"]
     assert len(rows) >= 10 and all(r[2] == "sequential" for r in rows)
     assert csv_path.endswith(".csv")
+
+
+def test_a_lease_taken_as_the_engine_comes_back_is_counted() -> None:
+    """The engine may come back between the lease's check and its reason lookup: count it, never go below 0."""
+
+    class Racing(ModelService):
+        @property
+        def engine(self) -> Any:  # the reload lands right as the lease asks why it cannot have the engine
+            with self._lock:
+                self._engine, self._paused = back, None
+            return back
+
+    back = FakeEngine(name="reloaded")
+    service = Racing(lambda progress: FakeEngine(), name="chat")
+    with service.lease() as engine:
+        assert engine is back and service._leases == 1
+    assert service._leases == 0
