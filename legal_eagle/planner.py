@@ -348,18 +348,17 @@ class PlannedProvider:
             say("另一个对比正在使用 fp16 模型，正在等待它结束…")
             self._lock.acquire()
         try:
-            if self._engine is None and self._suspend is not None and self.current_plan().mode == "exclusive":
+            plan = None if self._engine is not None else self.current_plan()
+            if plan is not None and plan.mode == "exclusive" and self._suspend is not None:
                 with self._suspend(say):
-                    engine = self._load(say, exclusive=True)
+                    engine = self._load(say, exclusive=True)  # planned again: the chat engine is closed now
                     try:
                         yield engine
                     finally:
                         say("正在释放 fp16 模型的显存…")
                         self._unload()
                 return
-            engine = self._engine
-            if engine is None:
-                engine = self._load(say)
+            engine = self._engine if plan is None else self._load(say, plan)
             plan = self._engine_plan
             try:
                 yield engine
@@ -370,9 +369,9 @@ class PlannedProvider:
         finally:
             self._lock.release()
 
-    def _load(self, say: Progress, exclusive: bool = False) -> Engine:
-        """Plan with fresh numbers, then load (or refuse); ``exclusive``: the chat engine is closed now."""
-        plan = self.current_plan()
+    def _load(self, say: Progress, plan: Plan | None = None, exclusive: bool = False) -> Engine:
+        """Load per ``plan`` (just made) or a fresh one, or refuse; ``exclusive``: the chat engine is closed now."""
+        plan = plan or self.current_plan()
         if not plan.available or plan.fp16_cache_share is None:
             raise GpuMemoryError(plan.reason, "comparison plan: unavailable")
         if exclusive:  # the numbers are fresh (chat engine closed); the mode is what the comparison does

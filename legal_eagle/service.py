@@ -213,11 +213,6 @@ class ModelService:
                 self._leases -= 1
                 self._leases_changed.notify_all()
 
-    def active_leases(self) -> int:
-        """Answers holding the engine now."""
-        with self._lock:
-            return self._leases
-
     @contextmanager
     def suspended(self, reload: Callable[[], Engine], reason: str, drain_timeout_s: float = 120.0,
                   progress: Callable[[str], None] | None = None) -> Iterator[None]:

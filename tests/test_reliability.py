@@ -471,20 +471,15 @@ def test_stop_and_disconnect_free_the_engine_session(launch: Any) -> None:
     url = base_url(client)
     args = (PERSONA, 0.7, 0.8, 1024, 1.0, False)
     with record("Stop / disconnect free the engine session") as tally:
-        with tally.attempt("Stop while answering (/chat)"):
-            before = len(engine.calls)
-            job = client.submit("请详细说明一", *args, api_name="/chat")
-            call = _running_call(engine, before)
-            assert engine.active_generations() == 1
-            job.cancel()
-            _stopped(engine, call)
-        with tally.attempt("Stop while regenerating (/regenerate)"):
-            before = len(engine.calls)
-            job = client.submit(*args, api_name="/regenerate")
-            call = _running_call(engine, before)
-            assert engine.active_generations() == 1
-            job.cancel()
-            _stopped(engine, call)
+        for what, inputs, api in (("Stop while answering (/chat)", ("请详细说明一", *args), "/chat"),
+                                  ("Stop while regenerating (/regenerate)", args, "/regenerate")):
+            with tally.attempt(what):
+                before = len(engine.calls)
+                job = client.submit(*inputs, api_name=api)
+                call = _running_call(engine, before)
+                assert engine.active_generations() == 1
+                job.cancel()
+                _stopped(engine, call)
         with tally.attempt("client disconnects mid-answer (event stream closed)"):
             before = len(engine.calls)
             session = "walks-away"

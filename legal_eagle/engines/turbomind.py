@@ -455,4 +455,3 @@ class TurbomindEngine:
             pipe.close()
         except Exception as exc:
             log.warning("closing the TurboMind pipeline failed: %s", exc)
-        del pipe
