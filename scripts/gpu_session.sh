@@ -15,6 +15,11 @@
 #   bash scripts/gpu_session.sh c    # python -m legal_eagle.bench (raw vs app, prefix caching, KV in 8 GB, warm start; fp16)
 #   bash scripts/gpu_session.sh c2   # the bench's 4-bit decode experiments (target 6)
 #   bash scripts/gpu_session.sh x    # on a fresh machine: t's checkpoints, then the compare tab at 23.7 GB free
+#   bash scripts/gpu_session.sh r    # on a fresh machine: t's checkpoints meanwhile the GPU reliability suite (with
+#                                    # its own time) and the remote engine vs a real api_server; then the prefix part
+#   bash scripts/gpu_session.sh c3   # the bench's serve (consumers one process per user, HTTP timeline traced),
+#                                    # kv8g (int8 and int4 KV x two prefill sizes) and fp16 parts
+#   bash scripts/gpu_session.sh c4   # target 6: AWQ group 64, LMDeploy's PyTorch engine (AWQ, fp16); then the cold part
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
 # LE_LIMIT: seconds this step may take in all (default 575; the device call is 600 s with the install).
 # Logs go to /tmp/L/<step> and come back as $OUT/logs_<step>.tgz (the device returns at most 8 files).
@@ -69,5 +74,29 @@ x) [ -f $B/awq/config.json ] || timeout 300 python3 -m legal_eagle.bench --make-
      --timeout $((left - 10)) 2>&1 | tee "$L/compare.log" | grep -E "^\[|^\|" | tail -40 ;;
 c2) timeout 560 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" --work-dir $B \
      --parts tune --tune-variants mbs1,tune-full --quick --json "$L/bench_tune.json" 2>&1 | tee "$L/bench_tune.log" | tail -40 ;;
+r) python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
+     --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1 &   # random 7B, Llama conversion, data-free AWQ
+   mk=$!
+   timeout 320 python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py -p no:cacheprovider 2>&1 \
+     | tee "$L/pytest_reliability.log" | grep -E "RELIABILITY|LOST|GPU |passed|failed|Error" | tail -30
+   timeout 150 python3 -m pytest -q -s -rs -m gpu tests/test_remote_engine.py -k real_api_server \
+     -p no:cacheprovider 2>&1 | tee "$L/pytest_remote.log" | grep -E '^\{|passed|failed|Error|assert' | tail -10
+   timeout 120 tail --pid=$mk -f /dev/null; kill $mk 2>/dev/null
+   tail -3 "$L/bench_make.log"; ls $B; du -sh $B/llama $B/awq
+   left=$((${LE_LIMIT:-575} - SECONDS))   # target 3 in the time left: a 10-turn chat, caching on (+ own answers) and off
+   [ -f $B/awq/config.json ] && [ $left -gt 100 ] && timeout $left python3 -m legal_eagle.bench --model-dir $R7 \
+     --awq-dir $B/awq --work-dir $B --parts prefix --quick --json "$L/bench_prefix.json" 2>&1 \
+     | tee "$L/bench_prefix.log" | tail -40 ;;
+c3) left=${LE_LIMIT:-575}
+   LE_BENCH_TRACE_HTTP=1 timeout $((left - 20)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
+     --work-dir $B --parts serve,fp16,kv8g --kv-policies 8,4 --kv-prefill 4096,1024 --quick --json "$L/bench.json" \
+     --out "$L/benchmarks.md" 2>&1 | tee "$L/bench.log" | grep -v " trace " | tail -60 ;;
+c4) left=${LE_LIMIT:-575}
+   timeout $((left - 20)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" --work-dir $B \
+     --parts tune --tune-variants app-default,g64,pytorch-awq,pytorch-fp16 --quick --json "$L/bench_tune.json" 2>&1 \
+     | tee "$L/bench_tune.log" | tail -30
+   left=$((${LE_LIMIT:-575} - SECONDS))
+   [ $left -gt 200 ] && timeout $((left - 10)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
+     --work-dir $B --parts cold --quick --json "$L/bench_cold.json" 2>&1 | tee "$L/bench_cold.log" | tail -20 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

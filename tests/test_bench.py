@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,21 @@ def test_targets_pass_fail_and_ratios_from_given_numbers() -> None:
     assert "q8: 7.00 GiB, 800 tok/s (0.89 x app settings)" in targets[4].measured
     assert targets[5].verdict == "PASS" and targets[5].ratio == pytest.approx(20 / 30)
     assert targets[6].verdict == "FAIL" and targets[6].ratio == pytest.approx(130 / 150)
+
+
+def test_target_3_is_judged_on_the_chat_with_the_engines_own_answers_when_the_run_has_it() -> None:
+    results = passing_results()
+    results["prefix_on"]["turns"][-1]["ttft_ms"] = 80.0  # fixed-text history: 2.35 x, would fail
+    results["prefix_on"]["own_turns"] = [{"turn": 1, "ttft_ms": 20.0, "prompt_tokens": 254, "cached_tokens": 0},
+                                         {"turn": 10, "ttft_ms": 24.0, "prompt_tokens": 4076,
+                                          "cached_tokens": 3904}]
+    target = {t.number: t for t in evaluate_targets(results)}[3]
+    assert target.verdict == "PASS" and target.ratio == pytest.approx(24 / 20)
+    assert "3,904 of 4,076 prompt tokens cached" in target.measured and "turn 10 80 ms" in target.measured
+    results["prefix_on"]["own_turns"][-1]["ttft_ms"] = 30.1
+    assert {t.number: t for t in evaluate_targets(results)}[3].verdict == "FAIL"
+    table = markdown.prefix_table(results)
+    assert "own answers: prompt tokens" in table and "| 3,904 " in table
 
 
 @pytest.mark.parametrize(
@@ -210,9 +227,39 @@ def test_app_users_in_a_child_process(settings: Settings) -> None:
     engine = FakeEngine(script=long_answer, delay_s=0.002)
     params = SamplingParams(max_new_tokens=N, greedy=True)
     with load.running_app(engine, settings) as url:
-        results = process_consumers(url, ["问题"], "律师", params, users=3, rounds=1)
+        results = process_consumers(url, ["问题"], "律师", params, users=3, rounds=1, processes=2)
     assert len(results) == 3 and all(r.error is None and r.n_tokens == N for r in results)
-    assert {r.user for r in results} == {0, 1, 2}
+    assert {r.user for r in results} == {0, 1, 2}  # 2 + 1 users in two processes, distinct indices
+    starts = sorted(r.start for r in results)  # perf_counter is system-wide (CLOCK_MONOTONIC) on Linux
+    assert starts[-1] - starts[0] < 0.5 * min(r.end - r.start for r in results), starts  # started together
+
+
+def test_consumer_processes_one_per_user_up_to_half_the_cores() -> None:
+    from legal_eagle.bench.child import consumer_processes
+
+    assert [consumer_processes(u, cores=16) for u in (1, 3, 8, 32)] == [1, 3, 8, 8]
+    assert consumer_processes(32, cores=2) == 1 and consumer_processes(4, cores=1) == 1
+
+
+def test_run_users_opens_the_gate_after_every_setup_and_before_any_request() -> None:
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def make_user(index: int):
+        time.sleep(0.05 * index)
+        with lock:
+            events.append(f"setup {index}")
+
+        def request(round_: int):
+            with lock:
+                events.append(f"request {index}")
+            return RequestResult(index, 0.0, 0.0, 0, None, None, None)
+
+        return request
+
+    results = load.run_users(make_user, 3, 1, first_user=5, gate=lambda: events.append("gate"))
+    assert sorted(r.user for r in results) == [5, 6, 7]
+    assert events.index("gate") == 3 and sorted(events[:3]) == ["setup 5", "setup 6", "setup 7"]
 
 
 def test_run_child_returns_the_parts_json_and_passes_env() -> None:
@@ -320,6 +367,17 @@ def test_run_parts_order_and_awq_dir_logic(tmp_path: Path, monkeypatch: pytest.M
     cli.run_parts(cli.build_parser().parse_args([*argv[:-2], "--parts", "cold,warm"]), {"cold", "warm"}, [])
     assert [c[0] for c in calls] == ["cold", "warm"]  # the cold start publishes the 4-bit weights itself
     assert calls[0][1]["out_dir"] == calls[1][1]["awq_dir"]
+    calls.clear()
+    tune = [*argv[:-2], "--parts", "tune", "--tune-variants", "g64,pytorch-awq,pytorch-fp16"]
+    (tmp_path / "w" / "awq").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "w" / "awq" / "config.json").write_text("{}")
+    cli.run_parts(cli.build_parser().parse_args(tune), {"tune"}, [])
+    assert [c[0] for c in calls] == ["quick_awq", "tune", "tune", "tune"]  # g64 weights made first, once
+    g64 = str((tmp_path / "w" / "awq-g64").resolve())
+    assert calls[0][1]["group_size"] == 64 and calls[0][1]["awq_dir"] == g64 and calls[1][1]["dir"] == g64
+    assert "group_size" not in calls[1][1]
+    assert calls[2][1]["backend"] == "pytorch" and calls[2][1]["dir"] == str((tmp_path / "w" / "awq").resolve())
+    assert calls[3][1]["backend"] == "pytorch" and calls[3][1]["format"] == "hf"
 
 
 def test_unknown_part_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -400,6 +458,11 @@ def test_quick_awq_and_cold_start_on_a_tiny_checkpoint(tmp_path: Path,
                                   "awq_dir": str(tmp_path / "q")})
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert quick["method"] == "data-free AWQ" and config["quantization_config"]["bits"] == 4
+    g64 = start.part_quick_awq({"dir": str(src), "work_dir": str(tmp_path / "w"), "awq_dir": str(tmp_path / "q64"),
+                                "group_size": 64})
+    config64 = json.loads((tmp_path / "q64" / "config.json").read_text())
+    assert g64["method"] == "data-free AWQ" and config64["quantization_config"]["group_size"] == 64
+    assert config["quantization_config"]["group_size"] == 128
     loaded: list[Path] = []
 
     def fake_load(awq_dir: Path, args: Any) -> FakeEngine:
@@ -446,3 +509,30 @@ def test_main_saves_after_every_part(tmp_path: Path, monkeypatch: pytest.MonkeyP
     text = out_md.read_text()
     assert "kv8g_q8: no GPU here" in text and "### Parts that failed" in text
     assert "warm 12.0 s" in capsys.readouterr().out
+
+
+def test_http_timeline_reports_each_request_and_restores_httpx() -> None:
+    import httpx
+
+    lines: list[str] = []
+    original = httpx.Client.send
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, json={}))
+    with load.http_timeline(lines.append), httpx.Client(transport=transport) as http:
+        http.post("http://app/gradio_api/queue/join", json={})
+        http.get("http://app/config")
+    assert [line.split(" sent ")[0] for line in lines] == ["http POST /gradio_api/queue/join", "http GET /config"]
+    assert all(" headers +" in line and line.endswith(" ms") for line in lines)
+    assert httpx.Client.send is original
+
+
+def test_kv8g_variants_over_kv_policies_and_prefill_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(cli, "run_child", lambda part, args, *, timeout_s, env=None: calls.append((part, args)) or {})
+    (tmp_path / "w" / "awq").mkdir(parents=True)
+    (tmp_path / "w" / "awq" / "config.json").write_text("{}")
+    argv = ["--model-dir", str(tmp_path / "m"), "--work-dir", str(tmp_path / "w"), "--parts", "kv8g",
+            "--kv-policies", "8,4", "--kv-prefill", "4096,1024"]
+    results = cli.run_parts(cli.build_parser().parse_args(argv), {"kv8g"}, [])
+    assert list(results) == ["kv8g_q8", "kv8g_q8_p1024", "kv8g_q4", "kv8g_q4_p1024"]
+    assert [(c[1]["quant_policy"], c[1]["max_prefill_token_num"]) for c in calls] == [
+        (8, 4096), (8, 1024), (4, 4096), (4, 1024)]

@@ -73,6 +73,21 @@ def run_child(
     return data
 
 
+READY = "LE-BENCH-CONSUMERS-READY"
+GO = "go"
+
+
+def consumer_processes(users: int, cores: int | None = None) -> int:
+    """How many processes the app's ``users`` run in: one per user, up to half the cores.
+
+    Real users sit on their own machines. 32 gradio_client clients in one Python process share
+    one GIL with their polling threads (``stream_sse_v1plus`` sleeps 50 ms between looks, each
+    job posts through a new ``httpx`` client): that measured the client library, not the app.
+    The other half of the cores is left to the app's process and TurboMind.
+    """
+    return max(1, min(users, (cores or os.cpu_count() or 2) // 2))
+
+
 def process_consumers(
     url: str,
     questions: Sequence[str],
@@ -81,19 +96,69 @@ def process_consumers(
     users: int,
     rounds: int,
     kind: str = "gradio",
+    processes: int | None = None,
+    timeout_s: float = 600.0,
 ) -> list[RequestResult]:
-    """The app's users in a child process (apart from the app's own GIL): gradio_client clients,
-    or with ``kind="page"`` clients that speak the web page's protocol (``load.page_request``)."""
-    args = {
-        "kind": kind,
-        "url": url,
-        "questions": list(questions),
-        "persona": persona,
-        "params": params.as_dict(),
-        "users": users,
-        "rounds": rounds,
-    }
-    data = run_child("consumers", args, timeout_s=600)
-    if data.get("error"):
-        raise RuntimeError(f"consumer process failed: {data['error']}")
-    return [RequestResult(**r) for r in data["results"]]
+    """The app's users in child processes (apart from the app's own GIL): gradio_client clients,
+    or with ``kind="page"`` clients that speak the web page's protocol (``load.page_request``).
+
+    The users are split over ``processes`` children (default ``consumer_processes``); each sets
+    its users up, says it is ready and waits, so that all users start together.
+    """
+    n = max(1, min(users, processes or consumer_processes(users)))
+    sizes = [users // n + (1 if i < users % n else 0) for i in range(n)]
+    firsts = [sum(sizes[:i]) for i in range(n)]
+    deadline = time.monotonic() + timeout_s
+    with tempfile.TemporaryDirectory(prefix="le-consumers-") as tmp:
+        procs: list[tuple[subprocess.Popen[str], Path]] = []
+        try:
+            for i, (first, size) in enumerate(zip(firsts, sizes, strict=True)):
+                args = {"kind": kind, "url": url, "questions": list(questions), "persona": persona,
+                        "params": params.as_dict(), "users": size, "first_user": first, "rounds": rounds,
+                        "gate": True}
+                out = Path(tmp) / f"result-{i}.json"
+                cmd = [sys.executable, "-m", "legal_eagle.bench", "--part", "consumers",
+                       "--part-args", json.dumps(args), "--result-file", str(out)]
+                proc = subprocess.Popen(cmd, env=child_env(None), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True)
+                procs.append((proc, out))
+            for proc, _ in procs:  # every child has set its users up
+                _wait_ready(proc, deadline)
+            for proc, _ in procs:
+                assert proc.stdin is not None
+                proc.stdin.write(GO + "\n")
+                proc.stdin.flush()
+            results: list[RequestResult] = []
+            for proc, out in procs:
+                proc.wait(max(1.0, deadline - time.monotonic()))
+                data = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {
+                    "error": f"exited with code {proc.returncode} without a result"}
+                if data.get("error"):
+                    raise RuntimeError(f"consumer process failed: {data['error']}")
+                results += [RequestResult(**r) for r in data["results"]]
+        finally:
+            for proc, _ in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    return results
+
+
+def _wait_ready(proc: subprocess.Popen[str], deadline: float) -> None:
+    """Read the child's stdout up to its ready line (it prints nothing else there that matters)."""
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"consumer process exited with code {proc.wait()} before it was ready")
+        if line.strip() == READY:
+            return
+    raise RuntimeError("consumer process did not get ready in time")
+
+
+def wait_for_go() -> None:
+    """In a consumer child: say ready on stdout, then block until the parent's start signal."""
+    print(READY, flush=True)
+    line = sys.stdin.readline()
+    if line.strip() != GO:
+        raise RuntimeError(f"no start signal from the parent (got {line!r})")

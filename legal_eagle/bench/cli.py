@@ -45,8 +45,12 @@ TUNE_VARIANTS: dict[str, dict[str, Any]] = {
     },
     "import-cache": {"env": {"TM_GEMM_IMPORT": "{work}/gemm-cache.bin"}},  # the app's batch size, tuned plans
     "fp16": {"format": "hf"},
+    "g64": {"group_size": 64},  # AWQ with 64-wide groups (data-free, made in WORK_DIR/awq-g64 when absent)
+    "pytorch-awq": {"backend": "pytorch"},  # LMDeploy's PyTorch engine on the same AWQ checkpoint
+    "pytorch-fp16": {"backend": "pytorch", "format": "hf"},
 }
 KV8G_SESSION = 4096  # "8 chats of 4k tokens": each chat's prompt + answer fills one 4096-token session
+KV8G_PREFILL = 4096  # max_prefill_token_num of the 8-chat engine: one whole prompt per prefill step
 VERSIONED = ("lmdeploy", "torch", "transformers", "gradio", "gradio_client")
 
 
@@ -92,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kv-policies",
         help="KV quant_policy values tried for 8 chats x 4k in 8 GiB [default: 8 with --quick, else 8,4]",
+    )
+    p.add_argument(
+        "--kv-prefill",
+        default=str(KV8G_PREFILL),
+        help="TurboMind max_prefill_token_num values tried for 8 chats x 4k (its buffers scale with it) "
+        f"[default: {KV8G_PREFILL}]",
     )
     p.add_argument(
         "--calib-samples", type=int, help="AWQ calibration chunks in the cold part [default: the app's]"
@@ -279,18 +289,21 @@ def run_parts(
                 "question_tokens": 150,
                 "answer_tokens": 250,
                 "conversations": size["conversations"],
+                "own_answers": on,  # also a chat that keeps the engine's own answers (the app's case)
             }
             step(f"prefix_{'on' if on else 'off'}", "prefix", prefix_args, 300)
     if "kv8g" in parts:
         for qp in size["kv_policies"]:
-            kv_args = {
-                **awq,
-                "chats": 8,
-                "session_len": KV8G_SESSION,
-                "quant_policy": qp,
-                "long_new_tokens": size["long_new_tokens"],
-            }
-            step(f"kv8g_q{qp}", "kv8g", kv_args, 300)
+            for prefill in (int(x) for x in args.kv_prefill.split(",")):
+                kv_args = {
+                    **awq,
+                    "chats": 8,
+                    "session_len": KV8G_SESSION,
+                    "quant_policy": qp,
+                    "max_prefill_token_num": prefill,
+                    "long_new_tokens": size["long_new_tokens"],
+                }
+                step(f"kv8g_q{qp}" + ("" if prefill == KV8G_PREFILL else f"_p{prefill}"), "kv8g", kv_args, 300)
     if "warm" in parts:
         step("warm", "warm", {"awq_dir": str(awq_dir)}, 180)
         notes.append(
@@ -303,13 +316,20 @@ def run_parts(
             spec = dict(TUNE_VARIANTS[name])
             env = {k: v.format(work=work) for k, v in spec.pop("env", {}).items()}
             fmt = spec.pop("format", "awq")
+            weights = awq_dir if fmt == "awq" else fp16_dir(model_dir, work)
+            group = spec.pop("group_size", None)
+            if group is not None:  # other AWQ weights: made once, kept in the work dir
+                weights = work / f"awq-g{group}"
+                if not (weights / "config.json").is_file():
+                    step(f"quick_awq_g{group}", "quick_awq", {"dir": str(model_dir), "work_dir": str(work),
+                                                             "awq_dir": str(weights), "group_size": group}, 480)
             tune_args = {
                 "name": name,
                 "format": fmt,
                 "env": env,
                 "requests": size["tune_requests"],
                 **common,
-                "dir": str(awq_dir if fmt == "awq" else fp16_dir(model_dir, work)),
+                "dir": str(weights),
                 **spec,
             }
             variants.append(

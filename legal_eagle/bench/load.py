@@ -58,7 +58,13 @@ def status_tokens(status: Any) -> int:
 
 
 def run_users(
-    make_user: UserFactory, users: int, rounds: int, timeout_s: float = 600.0
+    make_user: UserFactory,
+    users: int,
+    rounds: int,
+    timeout_s: float = 600.0,
+    *,
+    first_user: int = 0,
+    gate: Callable[[], None] | None = None,
 ) -> list[RequestResult]:
     """Run ``users`` users at once, each sending ``rounds`` requests back to back.
 
@@ -68,11 +74,15 @@ def run_users(
         users: simultaneous users.
         rounds: requests per user.
         timeout_s: give up waiting for the users after this long.
+        first_user: index of the first user (users of several processes get distinct indices).
+        gate: called once every user is set up, before any starts (a consumer process waits
+            there for the parent's start signal, so that all processes start together).
 
     Returns:
         Every request's result; a request that raised is recorded with its error.
     """
-    barrier = threading.Barrier(users)
+    barrier = threading.Barrier(users + 1)
+    go = threading.Event()
     results: list[RequestResult] = []
     lock = threading.Lock()
 
@@ -87,6 +97,7 @@ def run_users(
             barrier.wait(timeout_s)
         except threading.BrokenBarrierError:
             setup_error = setup_error or "the other users never got ready"
+        go.wait(timeout_s)
         for r in range(rounds):
             t0 = time.perf_counter()
             try:
@@ -101,10 +112,18 @@ def run_users(
                 results.append(result)
 
     threads = [
-        threading.Thread(target=user, args=(i,), name=f"bench-user-{i}", daemon=True) for i in range(users)
+        threading.Thread(target=user, args=(i,), name=f"bench-user-{i}", daemon=True)
+        for i in range(first_user, first_user + users)
     ]
     for t in threads:
         t.start()
+    with contextlib.suppress(threading.BrokenBarrierError):
+        barrier.wait(timeout_s)
+    try:
+        if gate is not None:
+            gate()
+    finally:
+        go.set()
     deadline = time.monotonic() + timeout_s
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
@@ -173,6 +192,28 @@ def chat_inputs(question: str, persona: str, params: SamplingParams) -> list[Any
             params.repetition_penalty, params.greedy]
 
 
+@contextlib.contextmanager
+def http_timeline(say: Callable[[str], None]) -> Iterator[None]:
+    """Report every HTTP request this process makes through httpx (gradio_client's included):
+    when it was sent and when its response headers came back, on one clock with ``app_request``'s
+    own lines. For finding where a client's time to first token goes."""
+    import httpx
+
+    send = httpx.Client.send
+
+    def timed(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        response = send(self, request, *args, **kwargs)
+        say(f"http {request.method} {request.url.path} sent {t:.3f} headers +{(time.perf_counter() - t) * 1000:.0f} ms")
+        return response
+
+    httpx.Client.send = timed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        httpx.Client.send = send  # type: ignore[method-assign]
+
+
 def app_request(
     client: Any, question: str, persona: str, params: SamplingParams, user: int = 0
 ) -> RequestResult:
@@ -180,6 +221,8 @@ def app_request(
     trace = Trace()
     job = client.submit(*chat_inputs(question, persona, params), api_name="/chat")
     for output in job:
+        if not trace.events:
+            log.debug("user %d: submitted %.3f, first update %.3f", user, trace.t0, time.perf_counter())
         trace.record(status_tokens(output[-1] if isinstance(output, (tuple, list)) else output))
     error = None
     try:
@@ -239,7 +282,15 @@ def page_request(
 
 
 def page_level_results(
-    url: str, questions: Sequence[str], persona: str, params: SamplingParams, users: int, rounds: int
+    url: str,
+    questions: Sequence[str],
+    persona: str,
+    params: SamplingParams,
+    users: int,
+    rounds: int,
+    *,
+    first_user: int = 0,
+    gate: Callable[[], None] | None = None,
 ) -> list[RequestResult]:
     """``users`` page-protocol users (one HTTP connection and session each) against the app at ``url``."""
     import httpx
@@ -254,7 +305,7 @@ def page_level_results(
 
         return request
 
-    return run_users(make_user, users, rounds)
+    return run_users(make_user, users, rounds, first_user=first_user, gate=gate)
 
 
 def question_for(questions: Sequence[str], user: int, round_: int) -> str:
@@ -278,7 +329,15 @@ def raw_level(
 
 
 def app_level_results(
-    url: str, questions: Sequence[str], persona: str, params: SamplingParams, users: int, rounds: int
+    url: str,
+    questions: Sequence[str],
+    persona: str,
+    params: SamplingParams,
+    users: int,
+    rounds: int,
+    *,
+    first_user: int = 0,
+    gate: Callable[[], None] | None = None,
 ) -> list[RequestResult]:
     """``users`` gradio_client clients (one session each) against the app at ``url``."""
     from gradio_client import Client
@@ -291,7 +350,7 @@ def app_level_results(
 
         return request
 
-    return run_users(make_user, users, rounds)
+    return run_users(make_user, users, rounds, first_user=first_user, gate=gate)
 
 
 @contextlib.contextmanager

@@ -70,21 +70,24 @@ def serve_table(results: Mapping[str, Any]) -> str:
 
 
 def prefix_table(results: Mapping[str, Any]) -> str:
-    """TTFT per turn, prefix caching on and off."""
+    """TTFT per turn: fixed-text history with prefix caching on and off, and (caching on) a chat
+    that keeps the engine's own answers, with the prompt tokens TurboMind took from its cache."""
     on, off = dig(results, "prefix_on", "turns") or [], dig(results, "prefix_off", "turns") or []
+    own = dig(results, "prefix_on", "own_turns") or []
     rows = []
-    for i in range(max(len(on), len(off))):
+    for i in range(max(len(on), len(off), len(own))):
         a = on[i] if i < len(on) else {}
         b = off[i] if i < len(off) else {}
-        rows.append(
-            (
-                i + 1,
-                fmt(a.get("prompt_tokens") or b.get("prompt_tokens"), 0),
-                fmt(a.get("ttft_ms"), 0),
-                fmt(b.get("ttft_ms"), 0),
-            )
-        )
-    return format_table(("turn", "prompt tokens", "TTFT ms, caching on", "TTFT ms, caching off"), rows)
+        c = own[i] if i < len(own) else {}
+        row = [i + 1, fmt(a.get("prompt_tokens") or b.get("prompt_tokens"), 0), fmt(a.get("ttft_ms"), 0),
+               fmt(b.get("ttft_ms"), 0)]
+        if own:
+            row += [fmt(c.get("prompt_tokens"), 0), fmt(c.get("cached_tokens"), 0), fmt(c.get("ttft_ms"), 0)]
+        rows.append(tuple(row))
+    head = ["turn", "prompt tokens", "TTFT ms, caching on", "TTFT ms, caching off"]
+    if own:
+        head += ["own answers: prompt tokens", "cached", "TTFT ms"]
+    return format_table(tuple(head), rows)
 
 
 def memory_table(results: Mapping[str, Any]) -> str:
@@ -178,6 +181,7 @@ def tune_table(results: Mapping[str, Any]) -> str:
     rows = [
         (
             v.get("name"),
+            v.get("backend") or "turbomind",
             v.get("model_format"),
             v.get("max_batch_size"),
             v.get("quant_policy"),
@@ -190,7 +194,8 @@ def tune_table(results: Mapping[str, Any]) -> str:
         for v in dig(results, "tune", "variants") or []
     ]
     return format_table(
-        ("variant", "weights", "max batch", "KV quant", "env", "decode tok/s", "TTFT ms", "load s", "error"),
+        ("variant", "engine", "weights", "max batch", "KV quant", "env", "decode tok/s", "TTFT ms", "load s",
+         "error"),
         rows,
     )
 

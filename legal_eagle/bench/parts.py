@@ -133,20 +133,44 @@ def engine_settings(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_engine(args: Mapping[str, Any], baseline: int | None) -> tuple[Engine, dict[str, Any]]:
-    """Load ``args['dir']`` in TurboMind with the app's settings; (engine, what was loaded and how)."""
+    """Load ``args['dir']`` in TurboMind with the app's settings; (engine, what was loaded and how).
+
+    ``args['backend'] == "pytorch"`` (a target-6 experiment) loads LMDeploy's PyTorch engine
+    instead, with the same settings, under the same engine wrapper (both share LMDeploy's
+    AsyncEngine, which is all the wrapper drives).
+    """
     from legal_eagle.engines.turbomind import TurbomindEngine
 
     opts = engine_settings(args)
     start = time.perf_counter()
-    engine = TurbomindEngine.load(
-        Path(args["dir"]), model_format=args["format"], tp=1, name=f"bench-{args['format']}", **opts
-    )
+    if args.get("backend") == "pytorch":
+        engine: Engine = pytorch_engine(Path(args["dir"]), opts)
+    else:
+        engine = TurbomindEngine.load(
+            Path(args["dir"]), model_format=args["format"], tp=1, name=f"bench-{args['format']}", **opts
+        )
     info = {
         "load_s": time.perf_counter() - start,
-        "engine": {**opts, "model_format": args["format"]},
+        "engine": {**opts, "model_format": args["format"], "backend": args.get("backend", "turbomind")},
         "gpu_used_before_load": baseline,
     }
     return engine, info
+
+
+def pytorch_engine(model_dir: Path, opts: Mapping[str, Any]) -> Engine:
+    """LMDeploy's PyTorch engine on ``model_dir`` (it reads AWQ from the checkpoint's quantization_config)."""
+    from lmdeploy import PytorchEngineConfig, pipeline
+
+    from legal_eagle.engines.base import EngineInfo
+    from legal_eagle.engines.turbomind import TurbomindEngine
+
+    config = PytorchEngineConfig(session_len=opts["session_len"], cache_max_entry_count=opts["cache_max_entry_count"],
+                                 max_batch_size=opts["max_batch_size"], quant_policy=opts["quant_policy"],
+                                 enable_prefix_caching=opts["enable_prefix_caching"])
+    pipe = pipeline(str(model_dir), backend_config=config, log_level="WARNING")
+    info = EngineInfo(name="bench-pytorch", backend="pytorch", model_path=str(model_dir), model_format="auto",
+                      quantization="as the checkpoint says", context_len=opts["session_len"])
+    return TurbomindEngine(pipe, info)
 
 
 def params_of(args: Mapping[str, Any], key: str = "max_new_tokens") -> SamplingParams:
@@ -253,6 +277,79 @@ def part_serve(args: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
+def next_turn_ids(tokenizer: Any, prompt_ids: Sequence[int], answer_ids: Sequence[int], question: str) -> list[int]:
+    """The next turn's prompt ids when the engine's own answer ids stay in the history.
+
+    Equal to ``render_ids`` of the conversation whenever the answer's text tokenizes back to the
+    ids the model generated (a real model's text does; a random model's byte tokens may not).
+    """
+    from legal_eagle.chat_template import IM_END, encode_text, render_ids, special_id
+
+    tail = render_ids(tokenizer, [{"role": "user", "content": question}])[1:]  # no second BOS
+    return [*prompt_ids, *answer_ids, special_id(tokenizer, IM_END), *encode_text(tokenizer, "\n"), *tail]
+
+
+def ids_request(engine: Any, input_ids: Sequence[int], params: SamplingParams,
+                timeout_s: float = 300.0) -> dict[str, Any]:
+    """One answer from prompt ids through LMDeploy's AsyncEngine under a ``TurbomindEngine``.
+
+    Returns:
+        ``ttft_s`` (first output carrying tokens), the generated ``ids`` and ``cached_tokens``
+        (prompt tokens TurboMind's prefix cache supplied, as LMDeploy reports them).
+    """
+    import asyncio
+
+    from legal_eagle.engines import turbomind as tm
+
+    core = engine._pipe.async_engine  # the bench looks one level under the engine
+    gen = tm.build_generation_config(params, engine._stop_ids)
+
+    async def run() -> dict[str, Any]:
+        session = core.session_mgr.get()
+        start, first, ids, cached = time.perf_counter(), None, [], 0
+        try:
+            request = await core.preprocess(None, session, gen_config=gen, input_ids=list(input_ids))
+            async with contextlib.aclosing(core.generate(request, stream_response=True)) as outputs:
+                async for out in outputs:
+                    n = int(out.generate_token_len or 0)
+                    if n and first is None:
+                        first = time.perf_counter() - start
+                    new = list(out.token_ids or [])  # the ids since the detokenizer's offset, to the end
+                    at = n - len(new)
+                    ids[max(at, 0):] = new[max(-at, 0):]
+                    cached = max(cached, int(getattr(out, "cached_tokens", 0) or 0))
+        finally:
+            with contextlib.suppress(Exception):
+                core.session_mgr.remove(session)
+        return {"ttft_s": first, "ids": ids, "cached_tokens": cached}
+
+    return asyncio.run_coroutine_threadsafe(run(), engine._loop).result(timeout_s)
+
+
+def own_answer_chat(engine: Any, persona: str, turns: int, question_tokens: int, answer_tokens: int,
+                    seed: int = 0) -> list[dict[str, Any]]:
+    """A chat whose history holds the engine's own answers (as ids), as the app's does with a real model.
+
+    Each turn generates ``answer_tokens`` tokens; the next prompt is this prompt, that answer and
+    the next question, so TurboMind may reuse the answer's cached blocks (``cache_generation``).
+    """
+    from legal_eagle.chat_template import render_ids
+
+    tokenizer = engine._tokenizer
+    out: list[dict[str, Any]] = []
+    ids: list[int] = []
+    answer: list[int] = []
+    for k in range(turns):
+        question = load.fit_text(engine, question_tokens, offset=7 * k + seed, tag=f"第{k + 1}个问题（会话{seed}）：")
+        ids = (render_ids(tokenizer, load.build_messages(persona, [], question)) if k == 0
+               else next_turn_ids(tokenizer, ids, answer, question))
+        r = ids_request(engine, ids, SamplingParams(max_new_tokens=answer_tokens, greedy=True))
+        answer = r["ids"]
+        out.append({"turn": k + 1, "prompt_tokens": len(ids), "cached_tokens": r["cached_tokens"],
+                    "ttft_ms": None if r["ttft_s"] is None else r["ttft_s"] * 1000})
+    return out
+
+
 def part_prefix(args: Mapping[str, Any]) -> dict[str, Any]:
     """Time to first token per turn over a growing chat; the median over a few chats per turn."""
     baseline = metrics.gpu_used_total()
@@ -283,6 +380,10 @@ def part_prefix(args: Mapping[str, Any]) -> dict[str, Any]:
             }
         )
     result["turns"], result["runs"] = turns, runs
+    if args.get("own_answers"):
+        with fixed_length():
+            result["own_turns"] = own_answer_chat(engine, PERSONA, int(args["turns"]), int(args["question_tokens"]),
+                                                  int(args["answer_tokens"]), seed=99)
     engine.close()
     return result
 
@@ -402,6 +503,8 @@ def part_tune(args: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "name": args["name"],
         "model_format": args["format"],
+        "backend": result["engine"].get("backend", "turbomind"),
+        "dir": args["dir"],
         "max_batch_size": result["engine"]["max_batch_size"],
         "quant_policy": result["engine"]["quant_policy"],
         "env": args.get("env", {}),
@@ -413,11 +516,20 @@ def part_tune(args: Mapping[str, Any]) -> dict[str, Any]:
 
 def part_consumers(args: Mapping[str, Any]) -> dict[str, Any]:
     """The app's users (gradio_client, or the page's protocol), run apart from the app's process."""
+    import os
+
+    from legal_eagle.bench.child import wait_for_go
+
     params = SamplingParams(**args["params"])
     runner = load.page_level_results if args.get("kind") == "page" else load.app_level_results
-    results: list[RequestResult] = runner(
-        args["url"], args["questions"], args["persona"], params, int(args["users"]), int(args["rounds"])
-    )
+    trace = os.environ.get("LE_BENCH_TRACE_HTTP") == "1"  # where a client's time to first token goes
+    if trace:
+        logging.getLogger(load.__name__).setLevel(logging.DEBUG)
+    with load.http_timeline(lambda line: log.info("trace %s", line)) if trace else contextlib.nullcontext():
+        results: list[RequestResult] = runner(
+            args["url"], args["questions"], args["persona"], params, int(args["users"]), int(args["rounds"]),
+            first_user=int(args.get("first_user", 0)), gate=wait_for_go if args.get("gate") else None,
+        )
     return {"results": [r.as_dict() for r in results]}
 
 

@@ -166,18 +166,31 @@ def _target_32_users(r: Mapping[str, Any]) -> Target:
 
 
 def _target_prefix(r: Mapping[str, Any]) -> Target:
-    def ends(part: str) -> tuple[Any, Any]:
-        turns = dig(r, part, "turns") or []
+    """Judged on the chat that keeps the engine's own answers (what the app sends with a real model)
+    where the run has it, else on the fixed-text history; all three figures are shown."""
+
+    def ends(part: str, key: str = "turns") -> tuple[Any, Any]:
+        turns = dig(r, part, key) or []
         return (turns[0]["ttft_ms"], turns[-1]["ttft_ms"]) if len(turns) >= 2 else (None, None)
 
     first, last = ends("prefix_on")
     off_first, off_last = ends("prefix_off")
-    ratio = _ratio(last, first)
-    n_turns = len(dig(r, "prefix_on", "turns") or [])
+    own = dig(r, "prefix_on", "own_turns") or []
+    own_first, own_last = ends("prefix_on", "own_turns")
+    n_turns = ((dig(r, "prefix_on", "turns") or [{}])[-1]).get("turn", "N")
     measured = (
-        f"caching on: turn 1 {fmt(first, 0)} ms, turn {n_turns} {fmt(last, 0)} ms; "
-        f"off: {fmt(off_first, 0)} -> {fmt(off_last, 0)} ms"
+        f"fixed-text history: turn 1 {fmt(first, 0)} ms, turn {n_turns} {fmt(last, 0)} ms; "
+        f"caching off: {fmt(off_first, 0)} -> {fmt(off_last, 0)} ms"
     )
+    ratio = _ratio(last, first)
+    if len(own) >= 2:
+        measured = (
+            f"own answers in history: turn 1 {fmt(own_first, 0)} ms, "
+            f"turn {own[-1].get('turn', len(own))} {fmt(own_last, 0)} ms "
+            f"({fmt(own[-1].get('cached_tokens'), 0)} of {fmt(own[-1].get('prompt_tokens'), 0)} prompt tokens "
+            f"cached); {measured}"
+        )
+        ratio = _ratio(own_last, own_first)
     return Target(
         3,
         "10-turn chat TTFT (prefix caching on)",
@@ -237,6 +250,11 @@ def _target_4bit_speed(r: Mapping[str, Any]) -> Target:
     )
     ratio = _ratio(awq, hf)
     measured = f"4-bit {fmt(awq)} vs fp16 {fmt(hf)} tok/s"
+    tried = [v for v in dig(r, "tune", "variants") or []
+             if v.get("model_format") == "awq" and isinstance(v.get("decode_tok_s"), (int, float))]
+    if tried:  # the experiments judge nothing: the app's default path does
+        best = max(tried, key=lambda v: v["decode_tok_s"])
+        measured += f"; fastest 4-bit experiment: {best.get('name')} {fmt(best['decode_tok_s'])} tok/s"
     return Target(
         6,
         "4-bit vs fp16 decode, 1 user",

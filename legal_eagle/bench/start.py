@@ -93,7 +93,8 @@ def part_quick_awq(args: Mapping[str, Any]) -> dict[str, Any]:
     src, convert_s = llama_source(Path(args["dir"]), work, force=False)
     try:
         quantize_model(
-            QuantRequest(src, calib=CalibrationSpec(source="none"), min_agreement=0.0),
+            QuantRequest(src, group_size=int(args.get("group_size", 128)), calib=CalibrationSpec(source="none"),
+                         min_agreement=0.0),
             out,
             sanity_check=_skip_sanity,
         )
@@ -101,7 +102,8 @@ def part_quick_awq(args: Mapping[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # data-free mode refused: a few calibration chunks instead
         log.warning("data-free AWQ failed (%r); using 8 calibration chunks", exc)
         quantize_model(
-            QuantRequest(src, calib=CalibrationSpec(max_samples=8), min_agreement=0.0),
+            QuantRequest(src, group_size=int(args.get("group_size", 128)), calib=CalibrationSpec(max_samples=8),
+                         min_agreement=0.0),
             out,
             sanity_check=_skip_sanity,
         )
