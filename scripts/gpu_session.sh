@@ -20,6 +20,7 @@
 #   bash scripts/gpu_session.sh c3   # the bench's serve (consumers one process per user, HTTP timeline traced),
 #                                    # kv8g (int8 and int4 KV x two prefill sizes) and fp16 parts
 #   bash scripts/gpu_session.sh c4   # target 6: AWQ group 64, LMDeploy's PyTorch engine (AWQ, fp16); then the cold part
+#   bash scripts/gpu_session.sh d    # the GPU Stop and KV-cache cases alone (thread stacks after a lost Stop)
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
 # LE_LIMIT: seconds this step may take in all (default 575; the device call is 600 s with the install).
 # Logs go to /tmp/L/<step> and come back as $OUT/logs_<step>.tgz (the device returns at most 8 files).
@@ -98,5 +99,8 @@ c4) left=${LE_LIMIT:-575}
    left=$((${LE_LIMIT:-575} - SECONDS))
    [ $left -gt 200 ] && timeout $((left - 10)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
      --work-dir $B --parts cold --quick --json "$L/bench_cold.json" 2>&1 | tee "$L/bench_cold.log" | tail -20 ;;
+d) timeout ${LE_LIMIT:-300} python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py -k "stop or kv" \
+     -p no:cacheprovider 2>&1 | tee "$L/pytest_reliability.log" \
+     | grep -E "RELIABILITY|LOST|GPU |STACKS|^  [a-z_]+\.py|passed|failed" | cut -c1-1500 | tail -60 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
