@@ -76,6 +76,7 @@ class FakeAsyncEngine:
     finish: str = "stop"
     fail_with: BaseException | None = None
     swallow_cancel: bool = False  # what TurboMind's async_stream_infer does with CancelledError
+    cancel_delay_s: float = 0.0  # how long the engine takes to let go of a cancelled request
     session_mgr: FakeSessionManager = field(default_factory=FakeSessionManager)
     requests: list[dict[str, Any]] = field(default_factory=list)
     endings: list[str] = field(default_factory=list)
@@ -102,6 +103,8 @@ class FakeAsyncEngine:
                     await asyncio.sleep(self.delay_s)
                 except asyncio.CancelledError:
                     ending = "cancelled"
+                    if self.cancel_delay_s:  # a busy GPU lets go later (the cancel is held off meanwhile)
+                        await asyncio.shield(asyncio.sleep(self.cancel_delay_s))
                     if not self.swallow_cancel:
                         raise
                     yield Out("", i, "stop")
@@ -607,5 +610,34 @@ def test_bench_ids_request_and_own_answer_prompts_on_lmdeploys_asyncengine(tiny_
         else:  # this tokenizer merges across the role line: the bench's assumption would not hold here
             pytest.fail("the tiny tokenizer does not round-trip the answer; pick another text")
         assert engine.active_generations() == 0 and core.session_mgr.sessions == {}
+    finally:
+        engine.close()
+
+
+def test_closing_a_stream_on_an_event_loop_thread_does_not_wait_for_turbomind() -> None:
+    """Gradio closes a cancelled handler on its event loop thread: waiting there for TurboMind to let
+    go (up to ABORT_WAIT_S) would stall every other user's stream. There the close returns at once
+    and the answer is counted out when the engine has let go; a plain thread still waits."""
+    engine, pipe = make_engine(answer="字" * 500, delay_s=0.01, cancel_delay_s=1.5)
+    try:
+        on_loop = engine.stream([{"role": "user", "content": "问"}], SamplingParams(greedy=True))
+        assert next(on_loop).n_tokens == 1
+
+        async def close_it() -> float:
+            started = time.monotonic()
+            on_loop.close()
+            return time.monotonic() - started
+
+        assert asyncio.run(close_it()) < 0.5
+        assert engine.active_generations() == 1 and pipe.async_engine.slots == 1  # the engine still holds it
+        assert wait_for(lambda: engine.active_generations() == 0, 5.0, poll_s=0.01)
+        assert pipe.async_engine.slots == 0 and pipe.async_engine.endings == ["cancelled"]
+
+        in_thread = engine.stream([{"role": "user", "content": "问"}], SamplingParams(greedy=True))
+        assert next(in_thread).n_tokens == 1
+        started = time.monotonic()
+        in_thread.close()  # a worker thread: the slot is free when close() returns
+        assert time.monotonic() - started >= 1.0 and engine.active_generations() == 0
+        assert pipe.async_engine.slots == 0
     finally:
         engine.close()

@@ -174,6 +174,15 @@ def hf_tokenizer_of(pipe: Any) -> Any:
         raise EngineError(MSG_LOAD, "pipeline has no Hugging Face tokenizer") from exc
 
 
+def _on_event_loop() -> bool:
+    """Whether this thread is running an asyncio event loop right now (blocking it would stall it)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 @dataclass(eq=False)
 class _Run:
     """One answer in flight: its inputs, its output queue and its stop signals."""
@@ -187,6 +196,9 @@ class _Run:
     session: Any = None
     abort_task: asyncio.Task[None] | None = None
     released: bool = False
+    release_on_done: bool = False  # the consumer has gone; the driver counts the run out when it ends
+    stop_asked_at: float | None = None
+    started: bool = False  # the driver was handed to the engine's loop
 
 
 class TurbomindEngine:
@@ -317,15 +329,19 @@ class TurbomindEngine:
             coro = self._drive(run)
             try:
                 asyncio.run_coroutine_threadsafe(coro, self._loop)
+                run.started = True
             except RuntimeError as exc:  # the pipeline's loop is gone
                 coro.close()
                 run.done.set()
                 raise EngineError(MSG_CLOSED, f"engine loop unavailable: {exc}") from exc
             yield from self._relay(run)
         finally:
-            if not run.done.is_set():
-                self._abort(run)
-            self._release(run)
+            alive = False
+            if not run.done.is_set() and run.started:
+                # Gradio closes a cancelled handler on its event loop thread: waiting there for
+                # TurboMind to confirm would freeze every other user's stream meanwhile.
+                alive = self._abort(run, wait=not _on_event_loop()) and not run.done.is_set()
+            self._release_when_done(run, driver_alive=alive)
 
     def _relay(self, run: _Run) -> Iterator[Chunk]:
         """Turn queued outputs into chunks; the last chunk comes once the slot is free."""
@@ -376,16 +392,31 @@ class TurbomindEngine:
             if session is not None:
                 with contextlib.suppress(Exception):
                     engine.session_mgr.remove(session)
-            run.done.set()
+            with self._lock:  # a consumer that left without waiting is counted out now
+                run.done.set()
+                if run.release_on_done:
+                    self._release_locked(run)
             run.outputs.put(("end", None))
+            if run.stop.is_set() and run.stop_asked_at is not None:
+                took = time.monotonic() - run.stop_asked_at
+                (log.warning if took > 1.0 else log.debug)("TurboMind let go of a stopped answer after %.2f s", took)
 
-    def _abort(self, run: _Run) -> None:
-        """Stop a run and wait (bounded) until TurboMind has let go of it."""
-        if self._signal_stop(run):
+    def _abort(self, run: _Run, wait: bool = True) -> bool:
+        """Stop a run; with ``wait``, also wait (bounded) until TurboMind has let go of it.
+
+        Returns:
+            False when the engine's loop is gone (the run's driver will never end).
+        """
+        if not self._signal_stop(run):
+            return False
+        if wait:
             self._wait_stopped(run)
+        return True
 
     def _signal_stop(self, run: _Run) -> bool:
         """Ask a run to stop; False when the engine's loop is gone (nothing runs any more)."""
+        if run.stop_asked_at is None:
+            run.stop_asked_at = time.monotonic()
         run.stop.set()
         try:
             self._loop.call_soon_threadsafe(self._stop_on_loop, run)
@@ -417,10 +448,21 @@ class TurbomindEngine:
     def _release(self, run: _Run) -> None:
         """Count a run as finished (once)."""
         with self._lock:
-            if not run.released:
-                run.released = True
-                self._active -= 1
-                self._runs.discard(run)
+            self._release_locked(run)
+
+    def _release_locked(self, run: _Run) -> None:
+        if not run.released:
+            run.released = True
+            self._active -= 1
+            self._runs.discard(run)
+
+    def _release_when_done(self, run: _Run, driver_alive: bool) -> None:
+        """Count a run as finished now, or (``driver_alive``: TurboMind still holds it) when its driver ends."""
+        with self._lock:
+            if run.done.is_set() or not driver_alive:
+                self._release_locked(run)
+            else:
+                run.release_on_done = True
 
     def active_generations(self) -> int:
         """Streams started and not yet finished or closed."""
