@@ -68,6 +68,7 @@ def passing_results() -> dict[str, Any]:
         "serve_awq": {
             "raw": {"1": summary(decode=130.0, ttft=18.0), "32": summary(agg=3000.0)},
             "app": {"1": summary(decode=125.0, ttft=60.0), "32": summary(agg=2500.0)},
+            "page": {"32": summary(agg=2700.0)},
             "long8": summary(agg=900.0),
             "settings": {"concurrency_limit": 32},
         },
@@ -85,6 +86,7 @@ def test_targets_pass_fail_and_ratios_from_given_numbers() -> None:
     targets = {t.number: t for t in evaluate_targets(passing_results())}
     assert targets[1].verdict == "PASS" and targets[1].ratio == pytest.approx(125 / 130)
     assert targets[2].verdict == "PASS" and targets[2].ratio == pytest.approx(2500 / 3000)
+    assert "page protocol: 2,700 tok/s (0.90 x raw)" in targets[2].measured
     assert targets[3].verdict == "PASS" and targets[3].ratio == pytest.approx(50 / 34)
     assert targets[4].verdict == "PASS" and targets[4].ratio == pytest.approx(7 / 8)
     assert "q8: 7.00 GiB, 800 tok/s (0.89 x app settings)" in targets[4].measured

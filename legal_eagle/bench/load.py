@@ -3,8 +3,9 @@
 Both sides send the same messages with the same sampling settings and time each request the
 same way (``Trace``: first output carrying tokens, then tokens per second after it). The app
 side launches the real ``build_app`` page on a free port with the very engine object the raw
-side uses, and each user is its own ``gradio_client.Client`` (its own session),
-either as threads of this process or, for honest timings on the GPU, in a child process.
+side uses, and each user is its own ``gradio_client.Client`` (its own session), either as
+threads of this process or, for honest timings on the GPU, in child processes (one per user up
+to half the cores: ``bench.child.process_consumers``).
 
 gradio_client itself adds latency: it polls its message queue every 50 ms
 (``gradio_client.utils.stream_sse_v1plus``). So the app side is also measured the way the web
