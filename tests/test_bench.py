@@ -184,6 +184,16 @@ def test_page_request_reads_the_apps_event_stream(launch: Any) -> None:
     assert bad.n_tokens == 0 and bad.error and "问题" in bad.error  # the app's Chinese refusal
 
 
+def test_a_page_user_is_one_tab_whose_later_rounds_carry_its_history(launch: Any) -> None:
+    engine = FakeEngine(script=long_answer, delay_s=0.001)
+    client = launch(engine)
+    results = load.page_level_results(client.src, ["第一问", "第二问"], "律师", SamplingParams(max_new_tokens=N),
+                                      users=2, rounds=2)
+    assert len(results) == 4 and all(r.error is None and r.n_tokens == N for r in results)
+    histories = sorted(len(call.messages) for call in engine.calls)
+    assert histories == [2, 2, 4, 4]  # system + question; then system + the first turn + question
+
+
 def test_fixed_length_asks_for_exactly_max_new_tokens() -> None:
     kwargs = fixed_length_kwargs(SamplingParams(max_new_tokens=128, greedy=True), [2, 92542])
     assert kwargs["ignore_eos"] is True and kwargs["max_new_tokens"] == 128

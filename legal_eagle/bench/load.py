@@ -252,13 +252,16 @@ def apply_string_diff(current: str, update: Any) -> str:
 
 
 def page_request(
-    http: Any, url: str, fn_index: int, question: str, persona: str, params: SamplingParams, user: int = 0
+    http: Any, url: str, fn_index: int, question: str, persona: str, params: SamplingParams, user: int = 0,
+    session: str | None = None,
 ) -> RequestResult:
     """One answer the way the web page gets it: ``queue/join``, then the event stream as it arrives.
 
     Timed like ``app_request``: each update's token count is read from the status line (output 3).
+    ``session``: the tab's session hash; its earlier turns are the history (default: a new tab).
     """
-    trace, session, status, error = Trace(), uuid4().hex[:11], "", None
+    trace, status, error = Trace(), "", None
+    session = session or uuid4().hex[:11]
     base = url.rstrip("/") + "/gradio_api/queue"
     data = chat_inputs(question, persona, params)
     data.insert(1, None)  # the page also sends the gr.State input; None: the session's own
@@ -293,16 +296,18 @@ def page_level_results(
     first_user: int = 0,
     gate: Callable[[], None] | None = None,
 ) -> list[RequestResult]:
-    """``users`` page-protocol users (one HTTP connection and session each) against the app at ``url``."""
+    """``users`` page-protocol users against the app at ``url``, each one browser tab: one HTTP
+    connection and one session, so that a user's later rounds carry its earlier turns (as
+    gradio_client's users do)."""
     import httpx
 
     def make_user(index: int) -> Callable[[int], RequestResult]:
         http = httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0))
-        chat = fn_index(http, url)
+        chat, tab = fn_index(http, url), uuid4().hex[:11]
 
         def request(round_: int) -> RequestResult:
             question = question_for(questions, index, round_)
-            return page_request(http, url, chat, question, persona, params, index)
+            return page_request(http, url, chat, question, persona, params, index, session=tab)
 
         return request
 
