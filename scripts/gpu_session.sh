@@ -3,6 +3,8 @@
 # On the GPU machine, from the repo root, after `bash .gpu/install.sh` (../shared/gpu/README.md), staged with
 #   ../shared/gpu/prepare.sh gradio==6.31.0 modelscope==1.40.2 openai openai_harmony
 #   pip download --no-deps -d .gpu/extra sniffio      # and carry ".gpu/extra" with the last piece
+#   (c4's PyTorch-engine variants also need pyzmq, which the GPU venv lacks; not tried yet:
+#    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .gpu/extra pyzmq)
 # (`lmdeploy serve api_server` imports openai, a dependency of lmdeploy that the GPU image lacks; openai imports
 # sniffio, which prepare.sh leaves out as "in the image" but the image's venv lacks; installed below if carried):
 #   bash scripts/gpu_session.sh a    # GPU tests: TurboMind engine, InternLM2 reader == converted Llama, AWQ on CUDA
