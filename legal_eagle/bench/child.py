@@ -31,6 +31,12 @@ def child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
     return {**quiet, **os.environ, "PYTHONPATH": root + (os.pathsep + path if path else ""), **(extra or {})}
 
 
+def part_command(part: str, args: Mapping[str, Any], result_file: Path) -> list[str]:
+    """The command line that runs one part in a child process and writes its JSON to ``result_file``."""
+    return [sys.executable, "-m", "legal_eagle.bench", "--part", part, "--part-args", json.dumps(args),
+            "--result-file", str(result_file)]
+
+
 def run_child(
     part: str, args: Mapping[str, Any], *, timeout_s: float, env: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
@@ -49,17 +55,7 @@ def run_child(
     with tempfile.TemporaryDirectory(prefix="le-bench-") as tmp:
         out = Path(tmp) / "result.json"
         payload = {**args, "spawn_time": time.time()}
-        cmd = [
-            sys.executable,
-            "-m",
-            "legal_eagle.bench",
-            "--part",
-            part,
-            "--part-args",
-            json.dumps(payload),
-            "--result-file",
-            str(out),
-        ]
+        cmd = part_command(part, payload, out)
         log.info("part %s: starting child process", part)
         try:
             proc = subprocess.run(cmd, env=child_env(env), timeout=timeout_s, check=False)
@@ -117,10 +113,8 @@ def process_consumers(
                         "params": params.as_dict(), "users": size, "first_user": first, "rounds": rounds,
                         "gate": True}
                 out = Path(tmp) / f"result-{i}.json"
-                cmd = [sys.executable, "-m", "legal_eagle.bench", "--part", "consumers",
-                       "--part-args", json.dumps(args), "--result-file", str(out)]
-                proc = subprocess.Popen(cmd, env=child_env(None), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True)
+                proc = subprocess.Popen(part_command("consumers", args, out), env=child_env(None),
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 procs.append((proc, out))
             for proc, _ in procs:  # every child has set its users up
                 _wait_ready(proc, deadline)
