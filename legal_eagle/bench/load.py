@@ -221,8 +221,8 @@ def app_request(
     """One answer through the app's ``/chat`` endpoint, timed from submit to each streamed update."""
     trace = Trace()
     job = client.submit(*chat_inputs(question, persona, params), api_name="/chat")
-    for output in job:
-        if not trace.events:
+    for index, output in enumerate(job):
+        if index == 0:
             log.debug("user %d: submitted %.3f, first update %.3f", user, trace.t0, time.perf_counter())
         trace.record(status_tokens(output[-1] if isinstance(output, (tuple, list)) else output))
     error = None
