@@ -340,7 +340,7 @@ class TurbomindEngine:
             if not run.done.is_set() and run.started:
                 # Gradio closes a cancelled handler on its event loop thread: waiting there for
                 # TurboMind to confirm would freeze every other user's stream meanwhile.
-                alive = self._abort(run, wait=not _on_event_loop()) and not run.done.is_set()
+                alive = self._abort(run, wait=not _on_event_loop())  # done or not: checked under the lock
             self._release_when_done(run, driver_alive=alive)
 
     def _relay(self, run: _Run) -> Iterator[Chunk]:
