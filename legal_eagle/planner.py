@@ -184,7 +184,9 @@ def plan_comparison(
         # Alone on the card? The chat engine's CUDA context stays when it closes.
         alone = free_bytes if not chat_engine_loaded else (
             None if chat_held_bytes is None else free_bytes + max(0, chat_held_bytes - context_bytes))
-        if allow_exclusive and alone is not None and alone - reserve >= fp16_need:
+        fits_alone = alone is not None and alone - reserve >= fp16_need
+        if allow_exclusive and fits_alone:
+            assert alone is not None
             fp16_kv = max(kv_min_bytes, min(kv_target_bytes, alone - reserve - fp16_fixed))
             reason = (f"显存只够放下一个模型：fp16 模型（约 {_gb(fp16_fixed + fp16_kv)}）"
                       "与 4-bit 聊天模型无法同时驻留。"
@@ -199,7 +201,7 @@ def plan_comparison(
                   f"fp16 模型至少需要 {_gb(fp16_need)}（权重 {_gb(fp16_weights_bytes)} + 引擎缓冲 "
                   f"{_gb(overhead_bytes)} + KV 缓存 {_gb(kv_min_bytes)}）{chat_part}，"
                   f"另需保留 {_gb(reserve)}。")
-        if not allow_exclusive and alone is not None and alone - reserve >= fp16_need:
+        if fits_alone:  # only the host's setting stands in the way
             reason += ("fp16 模型只能在卸载 4-bit 聊天模型后独占显卡运行，而主机已设置对比期间不暂停聊天"
                        "（--no-compare-pause-chat / LE_COMPARE_PAUSE_CHAT=0），"
                        "因此精度对比不可用；聊天功能不受影响。")
