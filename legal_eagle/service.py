@@ -121,21 +121,31 @@ class ModelService:
         with self._lock:
             self._started = self._stage_started = self._clock()
         try:
-            engine = self._preparer(self.report)
-        except LegalEagleError as exc:
-            log.error("%s: preparation failed: %s", self._name, exc)
-            self._fail(exc.user_message)
-        except Exception as exc:  # the page must say so instead of dying silently
-            log.exception("%s: preparation failed", self._name)
-            self._fail(f"内部错误：{type(exc).__name__}: {exc}")
-        else:
-            with self._lock:
-                self._engine = engine
-                self._set("ready", 1.0, "")
-                self._finished = self._clock()
-            log.info("%s: ready after %.1f s", self._name, self._finished - self._started)
+            engine = self._load_or_fail(lambda: self._preparer(self.report), "preparation", "{}", "内部错误：")
+            if engine is not None:
+                with self._lock:
+                    self._engine = engine
+                    self._set("ready", 1.0, "")
+                    self._finished = self._clock()
+                log.info("%s: ready after %.1f s", self._name, self._finished - self._started)
         finally:
             self._done.set()
+
+    def _load_or_fail(self, load: Callable[[], Engine], what: str, frame: str, internal: str) -> Engine | None:
+        """``load()``, or None after putting the service in ``failed`` with a Chinese reason.
+
+        ``frame`` places the reason in the page's message; ``internal`` prefixes an unexpected
+        exception's own text (the page must say so instead of dying silently).
+        """
+        try:
+            return load()
+        except LegalEagleError as exc:
+            log.error("%s: %s failed: %s", self._name, what, exc)
+            self._fail(frame.format(exc.user_message))
+        except Exception as exc:
+            log.exception("%s: %s failed", self._name, what)
+            self._fail(frame.format(f"{internal}{type(exc).__name__}: {exc}"))
+        return None
 
     def report(self, stage: str, fraction: float | None = None, detail: str = "") -> None:
         """Progress callback handed to the preparer."""
@@ -258,17 +268,12 @@ class ModelService:
         """Load the engine again after ``suspended``; a failure puts the service in ``failed``."""
         start = self._clock()
         try:
-            engine = reload()
-        except LegalEagleError as exc:
-            log.error("%s: reload after the comparison failed: %s", self._name, exc)
-            self._fail(f"对比结束后重新加载模型失败：{exc.user_message}（请重启应用）")
-        except Exception as exc:
-            log.exception("%s: reload after the comparison failed", self._name)
-            self._fail(f"对比结束后重新加载模型失败：{type(exc).__name__}: {exc}（请重启应用）")
-        else:
-            with self._lock:
-                self._engine = engine
-            log.info("%s: engine reloaded in %.1f s", self._name, self._clock() - start)
+            engine = self._load_or_fail(reload, "reload after the comparison",
+                                        "对比结束后重新加载模型失败：{}（请重启应用）", "")
+            if engine is not None:
+                with self._lock:
+                    self._engine = engine
+                log.info("%s: engine reloaded in %.1f s", self._name, self._clock() - start)
         finally:
             with self._lock:
                 self._paused = None
