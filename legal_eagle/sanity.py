@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,11 +71,11 @@ def sanity_prompts(tokenizer: Any) -> list[list[int]]:
 
 
 def _unpack(packed: Any) -> Any:
-    """int32 [rows, cols/8] in AWQ gemm order → int [rows, cols] of 4-bit values."""
+    """int32 [rows, cols/8] in AWQ gemm order → int [rows, cols] of 4-bit values (on packed's device)."""
     import torch
 
     rows, cols8 = packed.shape
-    out = torch.empty(rows, cols8, 8, dtype=torch.int32)
+    out = torch.empty(rows, cols8, 8, dtype=torch.int32, device=packed.device)
     for i, col in enumerate(AWQ_ORDER):
         out[:, :, col] = (packed >> (4 * i)) & 0xF
     return out.reshape(rows, cols8 * 8)
@@ -91,19 +91,59 @@ def dequantize(qweight: Any, qzeros: Any, scales: Any, group_size: int) -> Any:
     return ((w - z).float() * s).t().contiguous().to(torch.float16)
 
 
-def dequantized_state(awq_dir: Path) -> dict[str, Any]:
-    """All tensors of an AWQ checkpoint with linear layers dequantized back to fp16 weights."""
-    from safetensors.torch import load_file
+def dequantized_tensors(awq_dir: Path, device: str = "cpu") -> Iterator[tuple[str, Any]]:
+    """Each tensor of an AWQ checkpoint, linear layers dequantized back to fp16 weights, one at a time.
+
+    Read and dequantized on ``device`` (on a GPU the 7B model's unpacking takes seconds instead of
+    the better part of a minute on CPU); only one layer's temporaries exist at once.
+    """
+    from safetensors import safe_open
 
     group = json.loads((awq_dir / "config.json").read_text())["quantization_config"]["group_size"]
-    raw: dict[str, Any] = {}
-    for f in sorted(awq_dir.glob("*.safetensors")):
-        raw.update(load_file(str(f)))
-    state = {k: v for k, v in raw.items() if not k.endswith((".qweight", ".qzeros", ".scales"))}
-    for name in [k for k in raw if k.endswith(".qweight")]:
-        base = name.removesuffix(".qweight")
-        state[base + ".weight"] = dequantize(raw[name], raw[base + ".qzeros"], raw[base + ".scales"], group)
-    return state
+    for path in sorted(awq_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt", device=device) as f:
+            names = set(f.keys())
+            for name in sorted(names):
+                if name.endswith((".qzeros", ".scales")):
+                    continue
+                if name.endswith(".qweight"):
+                    base = name.removesuffix(".qweight")
+                    yield base + ".weight", dequantize(f.get_tensor(name), f.get_tensor(base + ".qzeros"),
+                                                       f.get_tensor(base + ".scales"), group)
+                else:
+                    yield name, f.get_tensor(name)
+
+
+def dequantized_state(awq_dir: Path, device: str = "cpu") -> dict[str, Any]:
+    """All tensors of an AWQ checkpoint with linear layers dequantized back to fp16 weights."""
+    return dict(dequantized_tensors(awq_dir, device))
+
+
+def load_dequantized(model: Any, awq_dir: Path, device: str) -> None:
+    """Overwrite ``model``'s weights in place with the dequantized AWQ ones (no second copy of the model).
+
+    Raises:
+        ValueError: the AWQ tensors do not cover exactly the model's weights.
+    """
+    import torch
+
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    wanted = {k for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq")}
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    with torch.no_grad():
+        for name, tensor in dequantized_tensors(awq_dir, device):
+            target = params.get(name)
+            if target is None or target.shape != tensor.shape:
+                unexpected.append(name)
+                continue
+            target.copy_(tensor.to(target.dtype))
+            seen.add(name)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(wanted - seen - tied)
+    if unexpected or missing:
+        raise ValueError(f"AWQ tensors do not match the fp16 model: missing {missing}, unexpected {unexpected}")
 
 
 def _top1(model: Any, prompts: Sequence[Sequence[int]], device: str) -> list[Any]:
@@ -126,7 +166,7 @@ def dequant_agreement_check(fp16_dir: Path, awq_dir: Path, prompts: Sequence[Seq
         device: "cpu" or "cuda"; default: cuda when available.
 
     Returns:
-        The agreement figures; only one model is held in memory at a time.
+        The agreement figures; one model is held in memory, its weights overwritten in place.
     """
     import torch
     from transformers import LlamaForCausalLM
@@ -137,12 +177,9 @@ def dequant_agreement_check(fp16_dir: Path, awq_dir: Path, prompts: Sequence[Seq
     model = LlamaForCausalLM.from_pretrained(str(fp16_dir), dtype=dtype, device_map=device)
     model.eval()
     ref = _top1(model, prompts, device)
-    state = dequantized_state(awq_dir)
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    if unexpected or [m for m in missing if not m.endswith("rotary_emb.inv_freq")]:
-        raise ValueError(f"AWQ tensors do not match the fp16 model: missing {missing}, unexpected {unexpected}")
+    load_dequantized(model, awq_dir, device)
     got = _top1(model, prompts, device)
-    del model, state
+    del model
     if device == "cuda":
         torch.cuda.empty_cache()
     same = sum(int((a == b).sum()) for a, b in zip(ref, got, strict=True))

@@ -83,6 +83,30 @@ def test_dequantize_matches_round_to_nearest(llama: Path, tmp_path: Path) -> Non
     assert torch.equal(got["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
 
 
+def test_dequantized_weights_replace_the_model_in_place(llama: Path, tmp_path: Path) -> None:
+    """The sanity check overwrites the fp16 model's weights; a missing AWQ tensor is an error, not a skip."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaForCausalLM
+
+    from legal_eagle.sanity import load_dequantized
+
+    out, _ = quantize_model(QuantRequest(llama, calib=CalibrationSpec(source="none"), min_agreement=0.0),
+                            tmp_path / "rtn")
+    model = LlamaForCausalLM.from_pretrained(str(llama), dtype=torch.float32)
+    load_dequantized(model, out, "cpu")
+    want = dequantized_state(out)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(model.get_parameter(name).to(torch.float16), want[name])
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.layers.0.post_attention_layernorm.weight"]
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="post_attention_layernorm"):
+        load_dequantized(model, broken, "cpu")
+
+
 def test_reuse_and_mismatch_redo(llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "awq"
     req = QuantRequest(llama, calib=SMALL_CALIB)
