@@ -23,6 +23,10 @@
 #                                    # kv8g (int8 and int4 KV x two prefill sizes) and fp16 parts
 #   bash scripts/gpu_session.sh c4   # target 6: AWQ group 64, LMDeploy's PyTorch engine (AWQ, fp16); then the cold part
 #   bash scripts/gpu_session.sh d    # the GPU Stop and KV-cache cases alone (thread stacks after a lost Stop)
+#   bash scripts/gpu_session.sh s1   # on a fresh machine: t's checkpoints meanwhile d (each Stop timed: handler
+#                                    # closed when and where, TurboMind let go when; the KV child's phases and stacks)
+#   bash scripts/gpu_session.sh s2   # the bench's serve part (HTTP timeline traced), then the cold part
+#   bash scripts/gpu_session.sh s3   # target 6 with LMDeploy's PyTorch engine (pyzmq carried), then the fp16 part
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
 # LE_LIMIT: seconds this step may take in all (default 575; the device call is 600 s with the install).
 # Logs go to /tmp/L/<step> and come back as $OUT/logs_<step>.tgz (the device returns at most 8 files).
@@ -103,6 +107,28 @@ c4) left=${LE_LIMIT:-575}
      --work-dir $B --parts cold --quick --json "$L/bench_cold.json" 2>&1 | tee "$L/bench_cold.log" | tail -20 ;;
 d) timeout ${LE_LIMIT:-300} python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py -k "stop or kv" \
      -p no:cacheprovider 2>&1 | tee "$L/pytest_reliability.log" \
-     | grep -E "RELIABILITY|LOST|GPU |STACKS|^  [a-z_]+\.py|passed|failed" | cut -c1-1500 | tail -60 ;;
+     | grep -E "RELIABILITY|LOST|GPU |STACKS|STOP #|KV |^Thread 0x|File \"|^  [a-z_]+\.py|passed|failed" \
+     | cut -c1-1500 | tail -90 ;;
+s1) python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
+     --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1 &   # random 7B, Llama conversion, data-free AWQ
+   mk=$!
+   timeout 330 python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py -k "stop or kv" \
+     -p no:cacheprovider 2>&1 | tee "$L/pytest_reliability.log" \
+     | grep -E "RELIABILITY|LOST|GPU |STACKS|STOP #|KV |^Thread 0x|File \"|^  [a-z_]+\.py|passed|failed" \
+     | cut -c1-1500 | tail -90
+   timeout $((${LE_LIMIT:-575} - SECONDS - 5)) tail --pid=$mk -f /dev/null; kill $mk 2>/dev/null
+   tail -3 "$L/bench_make.log"; ls $B ;;
+s2) LE_BENCH_TRACE_HTTP=1 timeout 300 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
+     --work-dir $B --parts serve --quick --json "$L/bench_serve.json" 2>&1 | tee "$L/bench_serve.log" \
+     | grep -v " trace " | tail -40
+   left=$((${LE_LIMIT:-575} - SECONDS))
+   [ $left -gt 200 ] && timeout $((left - 10)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
+     --work-dir $B --parts cold --quick --json "$L/bench_cold.json" 2>&1 | tee "$L/bench_cold.log" | tail -20 ;;
+s3) timeout $((${LE_LIMIT:-575} - 150)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
+     --work-dir $B --parts tune --tune-variants app-default,pytorch-awq,pytorch-fp16 --quick \
+     --json "$L/bench_tune.json" 2>&1 | tee "$L/bench_tune.log" | tail -30
+   left=$((${LE_LIMIT:-575} - SECONDS))
+   [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
+     --work-dir $B --parts fp16 --quick --json "$L/bench_fp16.json" 2>&1 | tee "$L/bench_fp16.log" | tail -20 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -113,6 +113,66 @@ def test_load_64_conversations_on_turbomind(launch: Any, settings: Settings, tur
     print(f"GPU load: {2 * n} answers in {elapsed:.1f} s, peak {peak} at once")
 
 
+class StopTimeline:
+    """Times one Stop: when the app closed the engine stream (and on which thread), when TurboMind let go.
+
+    Wraps the engine like ``Recording``; the engine's own log line ("TurboMind let go of a stopped
+    answer after X s") gives the driver's end.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        import logging
+
+        self.engine = engine
+        self.closed: list[tuple[float, str, bool, int]] = []  # (time, thread, on event loop, chunks seen)
+        self.let_go: list[tuple[float, str]] = []
+        timeline = self
+
+        class Catch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "let go" in record.getMessage():
+                    timeline.let_go.append((time.monotonic(), record.getMessage()))
+
+        self.handler = Catch(level=logging.DEBUG)
+        self.logger = logging.getLogger("legal_eagle.engines.turbomind")
+        self.logger.addHandler(self.handler)
+        self._level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+
+    def detach(self) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self._level)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    @property
+    def info(self) -> Any:
+        return self.engine.info
+
+    def stream(self, messages: Sequence[Message], params: SamplingParams) -> Iterator[Chunk]:
+        from legal_eagle.engines.turbomind import _on_event_loop
+
+        inner = self.engine.stream(messages, params)
+        seen = 0
+        try:
+            for chunk in inner:
+                seen += 1
+                yield chunk
+        finally:
+            self.closed.append((time.monotonic(), threading.current_thread().name, _on_event_loop(), seen))
+            inner.close()
+
+    def describe(self, cancelled_at: float, freed_at: float | None) -> str:
+        closed = [c for c in self.closed if c[0] >= cancelled_at]
+        let_go = [g for g in self.let_go if g[0] >= cancelled_at]
+        part = (f"handler closed +{closed[0][0] - cancelled_at:.2f} s on {closed[0][1]} "
+                f"(event loop: {closed[0][2]}) after {closed[0][3]} chunks" if closed else "handler NOT closed")
+        part += f"; {let_go[0][1]} (+{let_go[0][0] - cancelled_at:.2f} s)" if let_go else "; TurboMind: no let-go line"
+        freed = f"+{freed_at - cancelled_at:.2f} s" if freed_at is not None else "not within 30 s"
+        return f"{part}; engine count 0 at {freed}"
+
+
 def test_stop_mid_answer_frees_the_turbomind_request(launch: Any, settings: Settings, turbomind: Any,
                                                      monkeypatch: Any) -> None:
     from legal_eagle.engines import turbomind as tm
@@ -123,22 +183,30 @@ def test_stop_mid_answer_frees_the_turbomind_request(launch: Any, settings: Sett
     # The tiny model decodes thousands of tokens a second: 1024 tokens were over before the Stop
     # arrived (H200, 2026-12-03: 3 of 4 attempts lost). 12,000 tokens last seconds.
     long = 12000
-    client = launch(turbomind, app_settings=replace(settings, session_len=16384, max_new_tokens_cap=long))
-    with record("GPU Stop frees the TurboMind request") as tally:
-        for i in range(3):
-            with tally.attempt(f"Stop #{i + 1}"):
-                job = client.submit(f"请详细说明第{i}点", PERSONA, 0.7, 0.8, long, 1.0, True, api_name="/chat")
-                assert wait_for(lambda: turbomind.active_generations() == 1, 20)
-                time.sleep(0.2)
-                job.cancel()
-                if not wait_for(lambda: turbomind.active_generations() == 0, 10):
-                    print("STACKS after a lost Stop:\n  " + "\n  ".join(app_stacks()))
-                    raise AssertionError("the stream was not closed")
-                assert wait_for(lambda: engine_idle(turbomind), 10), "TurboMind still holds the request"
-        with tally.attempt("the next question is answered"):
-            monkeypatch.setattr(tm, "generation_kwargs", original)
-            _, _, status = client.predict("继续", PERSONA, 0.7, 0.8, 32, 1.0, True, api_name="/chat")
-            assert any(s in status for s in OK_STATUS), status
+    timeline = StopTimeline(turbomind)
+    client = launch(timeline, app_settings=replace(settings, session_len=16384, max_new_tokens_cap=long))
+    try:
+        with record("GPU Stop frees the TurboMind request") as tally:
+            for i in range(3):
+                with tally.attempt(f"Stop #{i + 1}"):
+                    job = client.submit(f"请详细说明第{i}点", PERSONA, 0.7, 0.8, long, 1.0, True, api_name="/chat")
+                    assert wait_for(lambda: turbomind.active_generations() == 1, 20)
+                    time.sleep(0.2)
+                    cancelled_at = time.monotonic()
+                    job.cancel()
+                    freed = wait_for(lambda: turbomind.active_generations() == 0, 30)
+                    freed_at = time.monotonic() if freed else None
+                    print(f"STOP #{i + 1}: {timeline.describe(cancelled_at, freed_at)}")
+                    if freed_at is None or freed_at - cancelled_at > 10:
+                        print("STACKS after a lost Stop:\n  " + "\n  ".join(app_stacks()))
+                        raise AssertionError("the stream was not closed within 10 s")
+                    assert wait_for(lambda: engine_idle(turbomind), 10), "TurboMind still holds the request"
+            with tally.attempt("the next question is answered"):
+                monkeypatch.setattr(tm, "generation_kwargs", original)
+                _, _, status = client.predict("继续", PERSONA, 0.7, 0.8, 32, 1.0, True, api_name="/chat")
+                assert any(s in status for s in OK_STATUS), status
+    finally:
+        timeline.detach()
 
 
 def app_stacks() -> list[str]:
@@ -154,8 +222,14 @@ def app_stacks() -> list[str]:
 
 
 KV_CHILD = r"""
-import json, os, sys, threading, time
+import faulthandler, json, os, sys, threading, time
 from pathlib import Path
+T0 = time.monotonic()
+def phase(what):
+    print(f"KV phase +{time.monotonic() - T0:.1f} s: {what}", file=sys.stderr, flush=True)
+# C-level watchdog: dumps every thread's Python stack even when a native call holds the GIL.
+faulthandler.dump_traceback_later(float(os.environ.get("LE_KV_DUMP_S", "90")), exit=False,
+                                  file=open(sys.argv[3], "w"))
 from legal_eagle.engines.base import SamplingParams
 from legal_eagle.engines.turbomind import TurbomindEngine
 from legal_eagle.errors import EngineError
@@ -163,6 +237,7 @@ from legal_eagle.errors import EngineError
 model_dir, share = Path(sys.argv[1]), float(sys.argv[2])
 engine = TurbomindEngine.load(model_dir, model_format="hf", session_len=2048, cache_max_entry_count=share,
                               quant_policy=0, max_batch_size=8, tp=1, enable_prefix_caching=False)
+phase("loaded")
 unit = "房东不退押金怎么办？"
 per_unit = engine.count_tokens([{"role": "user", "content": unit * 100}]) / 100
 long_prompt = [{"role": "user", "content": unit * int(1500 / per_unit)}]  # about 1500 of 2048 tokens each
@@ -184,9 +259,11 @@ def ask(i):
 threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(12)]
 for t in threads:
     t.start()
+phase(f"12 requests of {prompt_tokens} tokens started")
 deadline = start + float(os.environ.get("LE_KV_DEADLINE_S", "60"))
 for t in threads:
     t.join(max(0.0, deadline - time.monotonic()))
+phase(f"deadline: {sum(t.is_alive() for t in threads)} requests still open")
 core = engine._pipe.async_engine
 try:
     m = core.engine.get_schedule_metrics()
@@ -201,8 +278,10 @@ def short():
     except EngineError as exc:
         after["error"] = exc.user_message
 probe = threading.Thread(target=short, daemon=True)
+phase(f"schedule {sched}")
 probe.start()
 probe.join(20)
+phase(f"probe: {after}")
 print(json.dumps({"outcomes": [outcomes.get(i) for i in range(12)], "hung": sum(t.is_alive() for t in threads),
                   "active": engine.active_generations(), "prompt": prompt_tokens, "schedule": sched,
                   "next_finish": after.get("finish"), "next_error": after.get("error")}, ensure_ascii=False,
@@ -211,7 +290,7 @@ os._exit(0)  # no close: a wedged engine must not hang the report (TurboMind can
 """
 
 
-def test_kv_cache_too_small_for_the_load(fp16_dir: Path) -> None:
+def test_kv_cache_too_small_for_the_load(fp16_dir: Path, tmp_path: Path) -> None:
     """12 prompts of ~1500 tokens at once into a KV cache of 0.002% of free memory (~1-2k tokens here).
 
     TurboMind may queue them (all complete) or fail a request it cannot admit (status 11,
@@ -220,8 +299,17 @@ def test_kv_cache_too_small_for_the_load(fp16_dir: Path) -> None:
     """
     import re
 
-    done = subprocess.run([sys.executable, "-c", KV_CHILD, str(fp16_dir), "0.00002"], cwd=REPO,
-                          capture_output=True, text=True, timeout=200, check=False)
+    dump = tmp_path / "kv_stacks.txt"
+    try:
+        done = subprocess.run([sys.executable, "-c", KV_CHILD, str(fp16_dir), "0.00002", str(dump)], cwd=REPO,
+                              capture_output=True, text=True, timeout=150, check=False)
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        print("KV child timed out; its phases:\n" + "\n".join(line for line in err.splitlines() if "KV phase" in line
+                                                         or "[TM]" in line)[-4000:])
+        print("KV child stacks (faulthandler):\n" + (dump.read_text()[-6000:] if dump.exists() else "none"))
+        raise
+    print("KV child phases:\n" + "\n".join(line for line in done.stderr.splitlines() if "KV phase" in line))
     with record("GPU KV cache too small for the load") as tally:
         with tally.attempt("the process survives (no TurboMind abort)"):
             assert done.returncode == 0, f"rc {done.returncode}: {done.stderr[-3000:]}"
