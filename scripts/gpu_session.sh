@@ -27,6 +27,8 @@
 #                                    # closed when and where, TurboMind let go when; the KV child's phases and stacks)
 #   bash scripts/gpu_session.sh s2   # the bench's serve part (HTTP timeline traced), then the cold part
 #   bash scripts/gpu_session.sh s3   # target 6 with LMDeploy's PyTorch engine (pyzmq carried), then the fp16 part
+#   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
+#                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
 # LE_LIMIT: seconds this step may take in all (default 575; the device call is 600 s with the install).
 # Logs go to /tmp/L/<step> and come back as $OUT/logs_<step>.tgz (the device returns at most 8 files).
@@ -130,5 +132,11 @@ s3) timeout $((${LE_LIMIT:-575} - 150)) python3 -m legal_eagle.bench --model-dir
    left=$((${LE_LIMIT:-575} - SECONDS))
    [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
      --work-dir $B --parts fp16 --quick --json "$L/bench_fp16.json" 2>&1 | tee "$L/bench_fp16.log" | tail -20 ;;
+s4) timeout $((${LE_LIMIT:-575} - 120)) python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py \
+     -p no:cacheprovider 2>&1 | tee "$L/pytest_reliability.log" \
+     | grep -E "RELIABILITY|LOST|GPU |STACKS|STOP |KV |^Thread 0x|File \"|passed|failed" | cut -c1-1200 | tail -70
+   left=$((${LE_LIMIT:-575} - SECONDS - 5))
+   [ $left -gt 60 ] && timeout $left python3 -m pytest -q -rs -m "gpu and not slow" tests/gpu/test_turbomind_engine.py \
+     tests/gpu/test_convert_turbomind.py -p no:cacheprovider 2>&1 | tee "$L/pytest_gpu.log" | tail -8 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -68,6 +68,50 @@ def test_a_stopped_answer_keeps_the_meta_of_its_last_update(settings: Any) -> No
     assert meta["finish_reason"] == "streaming" and meta["sampling"]["temperature"] == 0.7
 
 
+def test_the_stop_handler_ends_its_own_sessions_answer_only(settings: Any) -> None:
+    """Stop signals the running answer of the caller's session: it ends normally ("已停止"), keeps
+    its text, and the engine stream is closed; another session's answer runs on."""
+    from types import SimpleNamespace
+
+    from legal_eagle.prompts import load_prompts
+    from legal_eagle.ui.chat_tab import STOPPED, ChatHandlers
+
+    engine = FakeEngine(delay_s=0.005)
+    handlers = ChatHandlers(ModelService.ready_with(engine), settings, load_prompts(), None)
+    mine, theirs = SimpleNamespace(session_hash="tab-a"), SimpleNamespace(session_hash="tab-b")
+    my_turns: list[dict[str, Any]] = []
+    their_turns: list[dict[str, Any]] = []
+    my_answer = handlers.respond("请详细说明", my_turns, PERSONA, 0.7, 0.8, 2048, 1.0, True, mine)
+    their_answer = handlers.respond("请详细说明", their_turns, PERSONA, 0.7, 0.8, 2048, 1.0, True, theirs)
+    for _ in range(3):
+        next(my_answer), next(their_answer)
+    assert engine.active_generations() == 2
+    assert handlers.stop(mine) == STOPPED
+    *_, (_, _, _, status) = my_answer  # runs to its end by itself
+    assert status.startswith("已停止 · ") and my_turns[-1]["meta"]["finish_reason"] == "abort"
+    assert my_turns[-1]["content"] and engine.active_generations() == 1
+    *_, (_, _, _, their_status) = their_answer
+    assert "已达到最大生成长度" in their_status or "回答完成" in their_status
+    assert engine.active_generations() == 0 and handlers._stops == {}
+    assert handlers.stop(mine) == STOPPED  # nothing running: a no-op
+
+
+def test_stop_through_the_api_frees_the_engine_without_gradio_cancelling(launch: Any) -> None:
+    """The app's /stop (the Stop button's handler) ends the same client's answer on the server side."""
+    engine = FakeEngine(delay_s=0.01)
+    client = launch(engine)
+    job = client.submit("请详细说明", PERSONA, 0.7, 0.8, 2048, 1.0, True, api_name="/chat")
+    assert wait_for(lambda: engine.active_generations() == 1, 10)
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert client.predict(api_name="/stop").startswith("已停止")
+    assert wait_for(lambda: engine.active_generations() == 0, 5)
+    freed_s = time.monotonic() - started
+    chat, _, status = job.result(timeout=10)  # not cancelled: the answer ended with what it had
+    assert status.startswith("已停止 · ") and text_of(chat[-1]["content"])
+    assert freed_s < 2, freed_s
+
+
 def test_two_turn_conversation_keeps_history(launch: Any) -> None:
     engine = FakeEngine()
     client = launch(engine)

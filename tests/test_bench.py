@@ -150,7 +150,8 @@ def test_a_burst_is_not_a_decode_speed() -> None:
 
 
 def test_kv_share_for_eight_4k_chats(tmp_path: Path) -> None:
-    from legal_eagle.bench.parts import kv_bytes_per_token, kv_share
+    from legal_eagle.bench.parts import kv_share
+    from legal_eagle.engines.turbomind import kv_bytes_per_token
 
     (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 32, "num_key_value_heads": 8,
                                                       "hidden_size": 4096, "num_hidden_layers": 32}))

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -452,6 +453,43 @@ def test_queue_rejects_politely_past_its_cap(launch: Any, settings: Settings) ->
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class PageStop:
+    """A browser tab pressing Stop: the chat event joined and its event stream read (in a thread),
+    then the two requests the Stop button sends: Gradio's ``/cancel`` for the running event and
+    the Stop handler's own event (``stop``), both in the tab's session."""
+
+    url: str
+    session: str = field(default_factory=lambda: f"tab-{time.monotonic_ns()}")
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    event_id: str = ""
+
+    def ask(self, max_new: str = "1024") -> None:
+        """Join the chat event as the page does and read its stream in the background."""
+        join = httpx.post(self.url + "gradio_api/queue/join",
+                          json={"data": json.loads(chat_body(max_new=max_new)), "fn_index": fn_index(self.url, "chat"),
+                                "session_hash": self.session, "event_data": None, "trigger_id": None})
+        join.raise_for_status()
+        self.event_id = join.json()["event_id"]
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        with httpx.stream("GET", self.url + "gradio_api/queue/data", params={"session_hash": self.session},
+                          timeout=60) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data:"):
+                    self.messages.append(json.loads(line[5:]))
+
+    def press_stop(self) -> None:
+        """What the Stop button sends (its handler first, then the cancel of the running answer)."""
+        stop = httpx.post(self.url + "gradio_api/queue/join",
+                          json={"data": [], "fn_index": fn_index(self.url, "stop"), "session_hash": self.session,
+                                "event_data": None, "trigger_id": None})
+        stop.raise_for_status()
+        httpx.post(self.url + "gradio_api/cancel", json={"event_id": self.event_id, "session_hash": self.session,
+                                                          "fn_index": fn_index(self.url, "chat")}).raise_for_status()
+
+
 def _running_call(engine: FakeEngine, before: int) -> Any:
     assert wait_for(lambda: len(engine.calls) > before and engine.calls[-1].tokens > 10, 10), "answer never started"
     return engine.calls[-1]
@@ -480,6 +518,20 @@ def test_stop_and_disconnect_free_the_engine_session(launch: Any) -> None:
                 assert engine.active_generations() == 1
                 job.cancel()
                 _stopped(engine, call)
+        with tally.attempt("the Stop button as the page sends it (its handler + Gradio's cancel)"):
+            before = len(engine.calls)
+            tab = PageStop(url)
+            tab.ask()
+            call = _running_call(engine, before)
+            tab.press_stop()
+            _stopped(engine, call)
+        with tally.attempt("the API's /stop alone ends the answer; it completes with what it had"):
+            before = len(engine.calls)
+            job = client.submit("请详细说明二", *args, api_name="/chat")
+            call = _running_call(engine, before)
+            assert client.predict(api_name="/stop").startswith("已停止")
+            _stopped(engine, call)
+            assert job.result(timeout=10)[2].startswith("已停止 · ")
         with tally.attempt("client disconnects mid-answer (event stream closed)"):
             before = len(engine.calls)
             session = "walks-away"

@@ -406,6 +406,31 @@ def test_free_memory_check(tmp_path: Path, monkeypatch: Any) -> None:
     tm.check_free_memory(tmp_path, tp=1)  # no NVML: no opinion
 
 
+def test_a_kv_cache_smaller_than_one_conversation_is_refused_before_loading(tmp_path: Path, monkeypatch: Any) -> None:
+    """TurboMind hangs creating an engine whose KV cache cannot hold session_len (H200, 2026-12-03):
+    the load is refused first, in Chinese, with the settings that fix it."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float16", "num_attention_heads": 4,
+                                                      "num_key_value_heads": 2, "hidden_size": 512,
+                                                      "num_hidden_layers": 2}))
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    per_token = tm.kv_bytes_per_token(tmp_path, 0)
+    assert per_token == 2 * 2 * 128 * 2 * 2  # the tiny test model: 2 KiB a token
+    free = tm.LOAD_MARGIN_BYTES + 1000 + 10_000 * per_token  # 10,000 tokens' worth after weights and margin
+    monkeypatch.setattr(tm.metrics, "gpu_free_total", lambda index=0: (free, 10**12))
+    assert tm.kv_tokens(free, 1000, 0.5, per_token) == 5000
+    tm.check_kv_room(tmp_path, session_len=4096, share=0.5, quant_policy=0, tp=1)  # 5,000 tokens hold 4,096
+    with pytest.raises(tm.GpuMemoryError) as info:
+        tm.check_kv_room(tmp_path, session_len=8192, share=0.5, quant_policy=0, tp=1)
+    assert "约 5000 个 token" in info.value.user_message and "8192" in info.value.user_message
+    assert "--cache-max-entry-count" in info.value.user_message and "session_len 8192" in str(info.value)
+    tm.check_kv_room(tmp_path, session_len=8192, share=0.5, quant_policy=4, tp=1)  # int4 KV: 4x the tokens
+    tm.check_kv_room(tmp_path, session_len=8192, share=0.5, quant_policy=0, tp=2)  # half of each token per GPU
+    monkeypatch.setattr(tm.metrics, "gpu_free_total", lambda index=0: None)
+    tm.check_kv_room(tmp_path, session_len=10**6, share=0.5, quant_policy=0, tp=1)  # no NVML: no opinion
+
+
 def test_gpu_memory_fallbacks(engine_pipe: Any, monkeypatch: Any) -> None:
     engine, _ = engine_pipe
     monkeypatch.setattr(tm.metrics, "gpu_memory_used_by_process", lambda *a, **k: None)

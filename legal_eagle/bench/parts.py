@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import statistics
 import threading
@@ -24,12 +23,12 @@ from legal_eagle import metrics
 from legal_eagle.bench import load
 from legal_eagle.bench.report import RequestResult, summarise
 from legal_eagle.engines.base import Engine, Message, SamplingParams
+from legal_eagle.engines.turbomind import KV_BLOCK_TOKENS, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
 Part = Callable[[Mapping[str, Any]], dict[str, Any]]
 PERSONA = "您是一个专业的律师，用户会对您提出法律方面的问题，请您根据您的知识进行专业、准确的回答。"
-KV_BLOCK_TOKENS = 64  # TurboMind's cache_block_seq_len default
 
 
 def fixed_length_kwargs(params: SamplingParams, stop_ids: Sequence[int]) -> dict[str, Any]:
@@ -391,17 +390,6 @@ def part_prefix(args: Mapping[str, Any]) -> dict[str, Any]:
 def kv_blocks(chats: int, session_len: int) -> int:
     """KV-cache blocks for ``chats`` full sessions of ``session_len`` tokens."""
     return chats * -(-session_len // KV_BLOCK_TOKENS)
-
-
-def kv_bytes_per_token(model_dir: Path, quant_policy: int) -> int:
-    """KV-cache bytes one token takes: layers x KV heads x head dim x (K, V) x element size, plus 5 %
-    for the int8/int4 scales and rounding."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    heads = int(cfg["num_attention_heads"])
-    kv_heads = int(cfg.get("num_key_value_heads", heads))
-    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
-    elem = {0: 2.0, 8: 1.0, 4: 0.5}[quant_policy]
-    return int(int(cfg["num_hidden_layers"]) * kv_heads * head_dim * 2 * elem * (1.0 if quant_policy == 0 else 1.05))
 
 
 def kv_share(kv_bytes: int, free_bytes: int, weights_bytes: int, overhead_bytes: int = 2 * 1024**3) -> float:

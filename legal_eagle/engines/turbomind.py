@@ -42,7 +42,11 @@ MSG_GENERATE = "模型生成回答时出错，请重试。"
 MSG_TOO_LONG = "问题和对话历史太长，超出了模型的上下文长度。请清空对话或缩短问题后重试。"
 MSG_CLOSED = "推理引擎已关闭，请重启应用。"
 MSG_STALLED = "模型长时间没有响应，本次回答已中止，请重试。"
+MSG_KV_SMALL = ("显存中留给对话缓存（KV cache）的空间只够约 {tokens} 个 token，少于一次对话的上限 {session_len} 个 "
+                "token，模型无法启动。请调大 --cache-max-entry-count（LE_CACHE_MAX_ENTRY_COUNT）、调小 --session-len，"
+                "或用 --quant-policy 8 / 4 压缩 KV cache。")
 
+KV_BLOCK_TOKENS = 64  # TurboMind's cache_block_seq_len
 ABORT_WAIT_S = 10.0  # how long closing a stream waits for TurboMind to free the slot
 STALL_S = 600.0  # no output at all for this long ends the stream with an error
 LOAD_MARGIN_BYTES = 2 * 1024**3  # free memory wanted beyond the weights (buffers, CUDA context)
@@ -133,12 +137,42 @@ def _validate(model_format: str, session_len: int, cache_max_entry_count: float,
         raise ValueError(f"tp must be in [1, 8], got {tp}")
 
 
-def _weights_bytes(model_dir: Path) -> int:
-    """Bytes the weights will take on the GPU (fp32 files are loaded as fp16)."""
-    size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    size = size or sum(p.stat().st_size for p in model_dir.glob("*.bin"))
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return size // 2 if config.get("torch_dtype", config.get("dtype")) == "float32" else size
+def kv_bytes_per_token(model_dir: Path, quant_policy: int) -> int:
+    """KV-cache bytes one token takes: layers x KV heads x head dim x (K, V) x element size, plus 5 %
+    for the int8/int4 scales and rounding."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads", heads))
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    elem = {0: 2.0, 8: 1.0, 4: 0.5}[quant_policy]
+    return int(int(cfg["num_hidden_layers"]) * kv_heads * head_dim * 2 * elem * (1.0 if quant_policy == 0 else 1.05))
+
+
+def kv_tokens(free_bytes: int, weights_bytes: int, share: float, bytes_per_token: int, tp: int = 1) -> int:
+    """About how many tokens TurboMind's KV cache will hold: ``share`` of what a GPU has left after
+    its part of the weights and the load margin (each GPU holds 1/tp of every token's KV)."""
+    left = max(0, free_bytes - weights_bytes // tp - LOAD_MARGIN_BYTES)
+    return int(share * left / max(1, bytes_per_token // tp))
+
+
+def check_kv_room(model_dir: Path, session_len: int, share: float, quant_policy: int, tp: int) -> None:
+    """Raise ``GpuMemoryError`` when the KV cache could not hold one whole conversation.
+
+    TurboMind then never finishes creating its engine (measured on the H200: a cache of ~1,400
+    tokens for session_len 2048 hung in ``_create_engine`` for minutes), so this is decided before
+    loading. Without NVML it checks nothing.
+    """
+    from legal_eagle.planner import weights_bytes
+
+    free_total = metrics.gpu_free_total(0)
+    if free_total is None:
+        return
+    tokens = kv_tokens(free_total[0], weights_bytes(model_dir), share, kv_bytes_per_token(model_dir, quant_policy), tp)
+    if tokens < session_len + 2 * KV_BLOCK_TOKENS:
+        raise GpuMemoryError(MSG_KV_SMALL.format(tokens=tokens, session_len=session_len),
+                             f"KV cache of about {tokens} tokens < session_len {session_len} "
+                             f"(cache_max_entry_count {share}, quant_policy {quant_policy}, "
+                             f"{free_total[0] / 2**30:.1f} GiB free)")
 
 
 def check_free_memory(model_dir: Path, tp: int) -> None:
@@ -147,9 +181,10 @@ def check_free_memory(model_dir: Path, tp: int) -> None:
     TurboMind aborts the whole process when it runs out of memory while loading, so this is
     decided beforehand. Without NVML it checks nothing.
     """
+    from legal_eagle.planner import weights_bytes
     from legal_eagle.platform import gpu_fit_report
 
-    need = _weights_bytes(model_dir) // tp + LOAD_MARGIN_BYTES
+    need = weights_bytes(model_dir) // tp + LOAD_MARGIN_BYTES
     for index in range(tp):
         free_total = metrics.gpu_free_total(index)
         if free_total is not None and free_total[0] < need:
@@ -245,7 +280,8 @@ class TurbomindEngine:
             enable_prefix_caching: reuse the KV cache of a shared prompt prefix (multi-turn chats).
             name: label shown in the UI.
             log_level: LMDeploy's log level.
-            check_memory: refuse to load (GpuMemoryError) when NVML shows too little free memory.
+            check_memory: refuse to load (GpuMemoryError) when NVML shows too little free memory
+                for the weights, or for a KV cache of one whole ``session_len``.
 
         Returns:
             The ready engine.
@@ -266,6 +302,7 @@ class TurbomindEngine:
             raise EngineError(MSG_UNSUPPORTED, f"TurboMind does not support {model_dir}")
         if check_memory:
             check_free_memory(model_dir, tp)
+            check_kv_room(model_dir, session_len, cache_max_entry_count, quant_policy, tp)
         from lmdeploy import TurbomindEngineConfig, pipeline
 
         config = TurbomindEngineConfig(model_format=model_format, session_len=session_len,

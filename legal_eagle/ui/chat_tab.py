@@ -3,17 +3,24 @@
 Handlers live in ``ChatHandlers`` (plain methods, testable without a browser); ``build_chat_tab``
 wires them to components. Each browser tab keeps its own history in a ``gr.State``: a list
 of turns ``{"role", "content", "meta"?}``, mutated in place while an answer streams so that
-a Stop (which cancels the handler) keeps the partial answer.
+a Stop keeps the partial answer.
+
+Stop works twice over: Gradio cancels the running event (``cancels=``), and the Stop handler
+itself signals the tab's running answer (by its Gradio session), which then closes its engine
+stream at the next chunk and ends normally. The second path does not depend on Gradio closing
+the cancelled generator, which on the GPU machine it did not do for gradio_client's cancel
+(docs/reliability.md); it is also the API's ``/stop``.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,12 @@ log = logging.getLogger(__name__)
 Turns = list[dict[str, Any]]
 Outputs = tuple[list[dict[str, str]], Turns, str, str]
 _PAUSE_POLL_S = 0.5
+STOPPED = "已停止：已生成的部分保留在对话中。"
+
+
+def session_of(request: gr.Request | None) -> str | None:
+    """The Gradio session (one browser tab, one gradio_client Client) a request belongs to."""
+    return getattr(request, "session_hash", None) if request is not None else None
 
 
 @dataclass
@@ -47,6 +60,8 @@ class ChatHandlers:
     prompts: Prompts
     statutes: Future[StatuteBase | None] | None = None  # opened in the background (index build ~20 s once)
     pacer: UpdatePacer = field(default_factory=UpdatePacer)  # updates per 50 ms alone, fewer under load
+    _stops: dict[str, threading.Event] = field(default_factory=dict, init=False, repr=False)
+    _stops_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def statute_base(self) -> StatuteBase | None:
         """The statute base once it is open; None while it builds, when absent, or when it failed."""
@@ -69,8 +84,19 @@ class ChatHandlers:
         sources = [Article(**a) for a in answer.get("meta", {}).get("sources", [])]
         return render_panel(base.check(answer["content"]), sources)
 
+    def stop(self, request: gr.Request | None = None) -> str:
+        """Stop this session's running answer (it keeps what it has and ends normally)."""
+        key = session_of(request)
+        with self._stops_lock:
+            signal = self._stops.get(key) if key is not None else None
+        if signal is not None:
+            signal.set()
+            log.info("stop asked for a running answer")
+        return STOPPED
+
     def respond(self, question: str, turns: Turns, persona: str, temperature: float, top_p: float,
-                max_new_tokens: int, repetition_penalty: float, greedy: bool) -> Iterator[Outputs]:
+                max_new_tokens: int, repetition_penalty: float, greedy: bool,
+                request: gr.Request | None = None) -> Iterator[Outputs]:
         """Answer a new question, streaming; errors become a Chinese message, input kept."""
         try:
             text = clean_question(question, self.settings.max_input_chars)
@@ -79,10 +105,11 @@ class ChatHandlers:
             self._check_ready()
         except LegalEagleError as exc:
             raise gr.Error(exc.user_message) from None
-        yield from self._answer(text, turns, system, params, question)
+        yield from self._answer(text, turns, system, params, question, session_of(request))
 
     def regenerate(self, turns: Turns, persona: str, temperature: float, top_p: float,
-                   max_new_tokens: int, repetition_penalty: float, greedy: bool) -> Iterator[Outputs]:
+                   max_new_tokens: int, repetition_penalty: float, greedy: bool,
+                   request: gr.Request | None = None) -> Iterator[Outputs]:
         """Drop the last answer and answer its question again."""
         last_user = next((i for i in range(len(turns) - 1, -1, -1) if turns[i]["role"] == "user"), None)
         if last_user is None:
@@ -96,7 +123,7 @@ class ChatHandlers:
         question = turns[last_user]["content"]
         yield from self._wait_while_paused(turns, "")
         del turns[last_user:]
-        yield from self._answer(question, turns, system, params, "")
+        yield from self._answer(question, turns, system, params, "", session_of(request))
 
     def _params(self, temperature: float, top_p: float, max_new_tokens: int, repetition_penalty: float,
                 greedy: bool) -> SamplingParams:
@@ -116,10 +143,26 @@ class ChatHandlers:
             yield self._outputs(turns, box, f"⏳ {reason}（已等待 {time.monotonic() - start:.0f} 秒）")
             time.sleep(_PAUSE_POLL_S)
 
+    @contextmanager
+    def _stop_signal(self, session: str | None) -> Iterator[threading.Event]:
+        """A fresh Stop signal for one answer, findable by its session while the answer runs."""
+        signal = threading.Event()
+        if session is not None:
+            with self._stops_lock:
+                self._stops[session] = signal
+        try:
+            yield signal
+        finally:
+            if session is not None:
+                with self._stops_lock:
+                    if self._stops.get(session) is signal:
+                        del self._stops[session]
+
     def _answer(self, question: str, turns: Turns, persona: str, params: SamplingParams,
-                box: str) -> Iterator[Outputs]:
+                box: str, session: str | None = None) -> Iterator[Outputs]:
         """Wait out a comparison's pause, then stream one answer with the leased engine."""
         with ExitStack() as stack:
+            stop = stack.enter_context(self._stop_signal(session))
             while True:
                 yield from self._wait_while_paused(turns, box)
                 try:
@@ -128,10 +171,10 @@ class ChatHandlers:
                 except LegalEagleError as exc:
                     if self.service.paused() is None:  # not ready or failed (a new pause: wait again)
                         raise gr.Error(exc.user_message) from None
-            yield from self._stream(question, turns, persona, params, engine)
+            yield from self._stream(question, turns, persona, params, engine, stop)
 
     def _stream(self, question: str, turns: Turns, persona: str, params: SamplingParams,
-                engine: Any) -> Iterator[Outputs]:
+                engine: Any, stop: threading.Event) -> Iterator[Outputs]:
         """Stream one answer into ``turns`` (in place) and the chatbot."""
         history: list[Message] = [{"role": t["role"], "content": t["content"]} for t in turns]
         base = self.statute_base() if self.settings.grounding else None
@@ -158,6 +201,8 @@ class ChatHandlers:
         try:
             with self.pacer.streaming(), closing(engine.stream(trimmed.messages, params)) as stream:
                 for chunk in stream:
+                    if stop.is_set():
+                        break  # leaving the block closes the stream: the engine aborts the answer
                     answer["content"] += chunk.text
                     tokens = chunk.n_tokens
                     timer.record(tokens)
@@ -273,11 +318,10 @@ def build_chat_tab(handlers: ChatHandlers) -> None:
                               concurrency_limit=limit, concurrency_id="chat", api_name="regenerate")
     for event in (send_event, submit_event, regen_event):
         event.then(handlers.citations_panel, inputs=[turns], outputs=[panel], api_name=False, concurrency_limit=None)
-    stopped = "已停止：已生成的部分保留在对话中。"
     # Said again once the cancel is through: the cancelled stream's last update can land after the first.
-    stop.click(lambda: stopped, outputs=[status], cancels=[send_event, submit_event, regen_event], api_name=False,
+    stop.click(handlers.stop, outputs=[status], cancels=[send_event, submit_event, regen_event], api_name="stop",
                concurrency_limit=None).then(
-        lambda: stopped, outputs=[status], api_name=False, concurrency_limit=None).then(
+        lambda: STOPPED, outputs=[status], api_name=False, concurrency_limit=None).then(
         handlers.citations_panel, inputs=[turns], outputs=[panel], api_name=False, concurrency_limit=None)
     clear.click(handlers.clear, outputs=outputs, cancels=[send_event, submit_event, regen_event],
                 api_name="clear", concurrency_limit=None).then(
