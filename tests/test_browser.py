@@ -76,3 +76,38 @@ def test_type_stream_stop_export_in_a_real_browser(launch: Any, tmp_path: Path, 
         exported = saved.read_text(encoding="utf-8")
         assert "不构成法律意见" in exported and "公司拖欠工资三个月" in exported
         browser.close()
+
+
+def test_a_full_queue_is_refused_in_chinese_and_the_question_stays(launch: Any, settings: Any) -> None:
+    """Gradio's page says "This application is currently busy" in English only; the app's script
+    rewrites it. One answer running and one waiting fill a queue of 1: the third, typed in the
+    browser, is refused in Chinese, and the question stays in its box."""
+    from dataclasses import replace
+
+    from gradio_client import Client
+    from playwright.sync_api import expect, sync_playwright
+
+    engine = FakeEngine(script=lambda m, p: "很长的回答。" * 400, delay_s=0.02)
+    client = launch(engine, app_settings=replace(settings, concurrency_limit=1, max_queue_size=1))
+    other = Client(client.src, verbose=False)
+    jobs = [c.submit("占位问题", "律师", 0.7, 0.8, 1024, 1.0, False, api_name="/chat") for c in (client, other)]
+    deadline = time.monotonic() + 10
+    while engine.active_generations() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.active_generations() == 1
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="zh-CN")  # a Chinese browser
+        page.goto(client.src)
+        expect(page.locator("#disclaimer")).to_contain_text("不构成法律意见")
+        question = "排队已满时我的问题会丢吗？"
+        page.locator("#question textarea").fill(question)
+        page.locator("#send").click()
+        expect(page.get_by_text("排队已满", exact=False).first).to_be_visible(timeout=10_000)
+        assert "currently busy" not in page.locator("body").inner_text()
+        assert page.locator("#question textarea").input_value() == question
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "queue_full.png"))
+        browser.close()
+    for job in jobs:
+        job.cancel()

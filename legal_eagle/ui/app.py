@@ -16,6 +16,7 @@ from legal_eagle.prompts import Prompts
 from legal_eagle.service import ModelService
 from legal_eagle.ui.chat_tab import ChatHandlers, build_chat_tab
 from legal_eagle.ui.compare_tab import CompareHandlers, build_compare_tab
+from legal_eagle.ui.frontend_zh import JS as ZH_MESSAGES_JS
 from legal_eagle.ui.health import health_routes, parse_auth
 from legal_eagle.ui.status_bar import build_status_bar
 
@@ -85,6 +86,7 @@ def launch_kwargs(settings: Settings, services: Mapping[str, ModelService] | Non
         "server_port": settings.port,
         "max_threads": settings.concurrency_limit + 40,
         "css": CSS,
+        "js": ZH_MESSAGES_JS,  # Gradio's few English-only page messages (a full queue) in Chinese
         "theme": gr.themes.Soft(),
         "show_error": True,
     }
