@@ -48,13 +48,11 @@ ENGINE_OPTS = {"session_len": 16384, "cache_max_entry_count": 0.05, "quant_polic
 OK_STATUS = ("回答完成", "已达到最大生成长度")  # a random model may or may not stop by itself
 
 
-class Recording:
-    """Wraps an engine and records the messages of every ``stream`` call (what TurboMind is given)."""
+class Wrapped:
+    """An engine seen through a wrapper: everything but what a subclass overrides goes to it."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self.requests: list[list[Message]] = []
-        self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -62,6 +60,15 @@ class Recording:
     @property
     def info(self) -> Any:
         return self.engine.info
+
+
+class Recording(Wrapped):
+    """Wraps an engine and records the messages of every ``stream`` call (what TurboMind is given)."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.requests: list[list[Message]] = []
+        self._lock = threading.Lock()
 
     def stream(self, messages: Sequence[Message], params: SamplingParams) -> Iterator[Chunk]:
         with self._lock:
@@ -114,7 +121,7 @@ def test_load_64_conversations_on_turbomind(launch: Any, settings: Settings, tur
     print(f"GPU load: {2 * n} answers in {elapsed:.1f} s, peak {peak} at once")
 
 
-class StopTimeline:
+class StopTimeline(Wrapped):
     """Times one Stop: when the app closed the engine stream (and on which thread), when TurboMind let go.
 
     Wraps the engine like ``Recording``; the engine's own log line ("TurboMind let go of a stopped
@@ -124,7 +131,7 @@ class StopTimeline:
     def __init__(self, engine: Any) -> None:
         import logging
 
-        self.engine = engine
+        super().__init__(engine)
         self.closed: list[tuple[float, str, bool, int]] = []  # (time, thread, on event loop, chunks seen)
         self.let_go: list[tuple[float, str]] = []
         timeline = self
@@ -143,13 +150,6 @@ class StopTimeline:
     def detach(self) -> None:
         self.logger.removeHandler(self.handler)
         self.logger.setLevel(self._level)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine, name)
-
-    @property
-    def info(self) -> Any:
-        return self.engine.info
 
     def stream(self, messages: Sequence[Message], params: SamplingParams) -> Iterator[Chunk]:
         from legal_eagle.engines.turbomind import _on_event_loop
