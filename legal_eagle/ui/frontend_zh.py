@@ -17,7 +17,7 @@ ZH = {
     "Connection errored out.": "与服务器的连接中断了，请检查网络或刷新页面后重试。",
 }
 
-JS = """() => {
+JS = r"""() => {
   const zh = ZH_TABLE;
   const fix = (root) => {
     if (!root) return;
