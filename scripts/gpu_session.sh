@@ -27,6 +27,7 @@
 #                                    # closed when and where, TurboMind let go when; the KV child's phases and stacks)
 #   bash scripts/gpu_session.sh s2   # the bench's serve part (HTTP timeline traced), then the cold part
 #   bash scripts/gpu_session.sh s3   # target 6 with LMDeploy's PyTorch engine (pyzmq carried), then the fp16 part
+#   bash scripts/gpu_session.sh s5   # s4's new cases only (Stop three ways, first updates, KV refusal, KV load)
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -138,5 +139,8 @@ s4) timeout $((${LE_LIMIT:-575} - 120)) python3 -m pytest -q -s -rs -m gpu tests
    left=$((${LE_LIMIT:-575} - SECONDS - 5))
    [ $left -gt 60 ] && timeout $left python3 -m pytest -q -rs -m "gpu and not slow" tests/gpu/test_turbomind_engine.py \
      tests/gpu/test_convert_turbomind.py -p no:cacheprovider 2>&1 | tee "$L/pytest_gpu.log" | tail -8 ;;
+s5) timeout $((${LE_LIMIT:-575} - 5)) python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py \
+     -k "stop or kv or first_update" -p no:cacheprovider 2>&1 | tee "$L/pytest_reliability.log" \
+     | grep -E "RELIABILITY|LOST|GPU |STACKS|STOP |KV |^Thread 0x|File \"|passed|failed" | cut -c1-1200 | tail -70 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
