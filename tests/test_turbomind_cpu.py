@@ -210,6 +210,32 @@ def test_closing_stream_aborts_and_frees_slot(swallow: bool) -> None:
         engine.close()
 
 
+def test_an_abandoned_stream_is_aborted_and_counted_out(monkeypatch: Any) -> None:
+    """A consumer that stops reading without closing (Gradio left a cancelled handler suspended on
+    the GPU machine): after ABANDON_S of unread outputs the request is aborted in the engine and the
+    slot counted out; a consumer that comes back late gets the rest and an 'abort' end."""
+    monkeypatch.setattr(tm, "ABANDON_S", 0.3)
+    engine, pipe = make_engine(answer="字" * 2000, delay_s=0.005)  # 10 s if nobody stopped it
+    try:
+        gen = engine.stream(MESSAGES, GREEDY)
+        assert next(gen).n_tokens >= 1 and next(gen).n_tokens >= 2
+        started = time.monotonic()
+        deadline = started + 5
+        while engine.active_generations() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        freed_s = time.monotonic() - started
+        assert engine.active_generations() == 0 and 0.3 <= freed_s < 2.0, freed_s
+        assert pipe.async_engine.slots == 0 and pipe.async_engine.endings in (["cancelled"], ["closed"])
+        rest = list(gen)  # the consumer comes back: what was generated, then the end
+        assert rest[-1].finish_reason == "abort" and rest[-1].n_tokens < 2000
+        assert engine.active_generations() == 0
+        steady = engine.stream(MESSAGES, SamplingParams(max_new_tokens=8))  # a reader that keeps up is never cut
+        pipe.async_engine.answer = "字" * 150
+        assert list(steady)[-1].finish_reason == "stop"
+    finally:
+        engine.close()
+
+
 def test_close_before_first_chunk_never_starts_a_request(engine_pipe: Any) -> None:
     engine, pipe = engine_pipe
     gen = engine.stream(MESSAGES, GREEDY)

@@ -49,6 +49,7 @@ MSG_KV_SMALL = ("显存中留给对话缓存（KV cache）的空间只够约 {to
 KV_BLOCK_TOKENS = 64  # TurboMind's cache_block_seq_len
 ABORT_WAIT_S = 10.0  # how long closing a stream waits for TurboMind to free the slot
 STALL_S = 600.0  # no output at all for this long ends the stream with an error
+ABANDON_S = 30.0  # outputs left unread this long: the consumer has gone, TurboMind's request is aborted
 LOAD_MARGIN_BYTES = 2 * 1024**3  # free memory wanted beyond the weights (buffers, CUDA context)
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort",
                                             "error": "error"}
@@ -238,6 +239,7 @@ class _Run:
     release_on_done: bool = False  # the consumer has gone; the driver counts the run out when it ends
     stop_asked_at: float | None = None
     started: bool = False  # the driver was handed to the engine's loop
+    last_pull: float = field(default_factory=time.monotonic)  # when the consumer last took an output
 
 
 class TurbomindEngine:
@@ -388,10 +390,12 @@ class TurbomindEngine:
         """Turn queued outputs into chunks; the last chunk comes once the slot is free."""
         n_tokens, final = 0, None
         while True:
+            run.last_pull = time.monotonic()
             try:
                 kind, payload = run.outputs.get(timeout=STALL_S)
             except queue.Empty:
                 raise EngineError(MSG_STALLED, f"no TurboMind output for {STALL_S:.0f} s") from None
+            run.last_pull = time.monotonic()
             if kind == "end":
                 break
             if kind == "error":
@@ -423,6 +427,8 @@ class TurbomindEngine:
             async with contextlib.aclosing(engine.generate(request, stream_response=True)) as outputs:
                 async for out in outputs:
                     run.outputs.put(("out", out))
+                    if out.finish_reason is None and not run.stop.is_set() and self._abandoned(run):
+                        break
                     if run.stop.is_set() and out.finish_reason is None:
                         break  # closing generate() cancels the request in TurboMind (safe_run)
         except asyncio.CancelledError:
@@ -441,6 +447,23 @@ class TurbomindEngine:
             if run.stop.is_set() and run.stop_asked_at is not None:
                 took = time.monotonic() - run.stop_asked_at
                 (log.warning if took > 1.0 else log.debug)("TurboMind let go of a stopped answer after %.2f s", took)
+
+    def _abandoned(self, run: _Run) -> bool:
+        """Whether a run's consumer left its outputs unread for ``ABANDON_S`` (it is then stopped and
+        counted out when its driver ends).
+
+        Gradio does not always close a cancelled handler: on the GPU machine, after gradio_client's
+        ``job.cancel()``, the chat handler stayed suspended at a ``yield`` (docs/reliability.md), and
+        its request would have held a TurboMind slot and KV blocks until it reached max_new_tokens.
+        """
+        if run.outputs.qsize() < 2 or time.monotonic() - run.last_pull < ABANDON_S:
+            return False
+        log.warning("no one read a TurboMind answer for %.0f s: aborting it", time.monotonic() - run.last_pull)
+        run.stop_asked_at = time.monotonic()
+        run.stop.set()
+        with self._lock:
+            run.release_on_done = True
+        return True
 
     def _abort(self, run: _Run, wait: bool = True) -> bool:
         """Stop a run; with ``wait``, also wait (bounded) until TurboMind has let go of it.
