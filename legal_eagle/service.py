@@ -35,6 +35,10 @@ STAGE_LABELS: dict[str, str] = {
 # The preparer's stage names (legal_eagle.prepare: download, wait, convert, quantize, check) as the page's.
 PREPARE_STAGES = {"download": "downloading", "wait": "waiting", "convert": "converting", "quantize": "quantizing",
                   "check": "verifying"}
+LOADING_SLOW_S = 300.0  # a 7B model loads into TurboMind in 5-20 s (H200); minutes mean something is wrong
+SLOW_LOAD_HINT = ("加载时间异常长（通常不到 1 分钟）：若一直停在这里，常见原因是 KV cache 太小，"
+                  "TurboMind 无法建立推理引擎（在 H200 上实测：缓存只有约 5,000 个 token 时会一直卡住）。"
+                  "请调大 --cache-max-entry-count 后重启。")
 ProgressFn = Callable[[str, "float | None", str], None]
 Preparer = Callable[[ProgressFn], Engine]
 
@@ -71,6 +75,8 @@ class Status:
         if self.detail:
             parts.append(self.detail)
         parts.append(f"已用时 {_clock(self.elapsed_s)}")
+        if self.stage == "loading" and self.stage_elapsed_s >= LOADING_SLOW_S:
+            parts.append(SLOW_LOAD_HINT)
         return " · ".join(parts)
 
     def as_dict(self) -> dict[str, object]:

@@ -57,6 +57,18 @@ def test_service_reports_stages_then_ready() -> None:
     assert service.status().as_dict()["ready"] is True
 
 
+def test_a_load_that_takes_minutes_says_what_usually_causes_it() -> None:
+    """TurboMind never finishes creating an engine whose KV cache is too small (H200, 2026-12-03):
+    after 5 minutes in the loading stage the page says so and names the setting."""
+    from legal_eagle.service import LOADING_SLOW_S, Status
+
+    quick = Status("loading", None, "", elapsed_s=200.0, stage_elapsed_s=LOADING_SLOW_S - 1)
+    slow = Status("loading", None, "", elapsed_s=400.0, stage_elapsed_s=LOADING_SLOW_S)
+    assert "KV cache" not in quick.describe()
+    assert "KV cache 太小" in slow.describe() and "--cache-max-entry-count" in slow.describe()
+    assert "KV cache" not in Status("quantizing", None, "", 900.0, 900.0).describe()  # AWQ takes minutes
+
+
 def test_service_failure_keeps_the_reason() -> None:
     def prepare(progress):  # type: ignore[no-untyped-def]
         raise OfflineError("无法连接 ModelScope，请用 --model-path 指向本地模型目录。")
