@@ -102,8 +102,7 @@ def dequantized_tensors(awq_dir: Path, device: str = "cpu") -> Iterator[tuple[st
     group = json.loads((awq_dir / "config.json").read_text())["quantization_config"]["group_size"]
     for path in sorted(awq_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt", device=device) as f:
-            names = set(f.keys())
-            for name in sorted(names):
+            for name in sorted(f.keys()):
                 if name.endswith((".qzeros", ".scales")):
                     continue
                 if name.endswith(".qweight"):

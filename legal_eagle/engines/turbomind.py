@@ -427,9 +427,7 @@ class TurbomindEngine:
             async with contextlib.aclosing(engine.generate(request, stream_response=True)) as outputs:
                 async for out in outputs:
                     run.outputs.put(("out", out))
-                    if out.finish_reason is None and not run.stop.is_set() and self._abandoned(run):
-                        break
-                    if run.stop.is_set() and out.finish_reason is None:
+                    if out.finish_reason is None and (run.stop.is_set() or self._abandoned(run)):
                         break  # closing generate() cancels the request in TurboMind (safe_run)
         except asyncio.CancelledError:
             log.debug("TurboMind generation cancelled")
@@ -459,8 +457,7 @@ class TurbomindEngine:
         if run.outputs.qsize() < 2 or time.monotonic() - run.last_pull < ABANDON_S:
             return False
         log.warning("no one read a TurboMind answer for %.0f s: aborting it", time.monotonic() - run.last_pull)
-        run.stop_asked_at = time.monotonic()
-        run.stop.set()
+        self._mark_stopped(run)
         with self._lock:
             run.release_on_done = True
         return True
@@ -477,11 +474,16 @@ class TurbomindEngine:
             self._wait_stopped(run)
         return True
 
-    def _signal_stop(self, run: _Run) -> bool:
-        """Ask a run to stop; False when the engine's loop is gone (nothing runs any more)."""
+    @staticmethod
+    def _mark_stopped(run: _Run) -> None:
+        """Set a run's stop flag, noting when it was first asked (for the let-go log line)."""
         if run.stop_asked_at is None:
             run.stop_asked_at = time.monotonic()
         run.stop.set()
+
+    def _signal_stop(self, run: _Run) -> bool:
+        """Ask a run to stop; False when the engine's loop is gone (nothing runs any more)."""
+        self._mark_stopped(run)
         try:
             self._loop.call_soon_threadsafe(self._stop_on_loop, run)
         except RuntimeError:
