@@ -3,8 +3,9 @@
 # On the GPU machine, from the repo root, after `bash .gpu/install.sh` (../shared/gpu/README.md), staged with
 #   ../shared/gpu/prepare.sh gradio==6.31.0 modelscope==1.40.2 openai openai_harmony
 #   pip download --no-deps -d .gpu/extra sniffio      # and carry ".gpu/extra" with the last piece
-#   (c4's PyTorch-engine variants also need pyzmq, which the GPU venv lacks; not tried yet:
-#    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .gpu/extra pyzmq)
+#   (the PyTorch-engine tune variants need pyzmq, which the GPU venv lacks:
+#    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .gpu/extra pyzmq
+#    and then xgrammar as well, not carried yet: with pyzmq alone they stop at "No module named 'xgrammar'")
 # (`lmdeploy serve api_server` imports openai, a dependency of lmdeploy that the GPU image lacks; openai imports
 # sniffio, which prepare.sh leaves out as "in the image" but the image's venv lacks; installed below if carried):
 #   bash scripts/gpu_session.sh a    # GPU tests: TurboMind engine, InternLM2 reader == converted Llama, AWQ on CUDA
@@ -44,6 +45,14 @@ W=/root/le; FS=/tmp/L/first_start; mkdir -p "$FS"
 B=$W/bench; R7=$W/random-internlm2-7b
 if [ -f $B/awq/config.json ]; then fp16=$B/llama; awq=$B/awq
 else fp16=$(ls -d $W/cache/*-llama 2>/dev/null | head -1); awq=$(ls -d $W/cache/*-awq* 2>/dev/null | head -1); fi
+# The GPU reliability cases: reliability SECONDS [pytest args]; the whole log in $L, its key lines printed.
+reliability() {
+  local limit=$1; shift
+  timeout "$limit" python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py "$@" -p no:cacheprovider 2>&1 \
+    | tee "$L/pytest_reliability.log" \
+    | grep -E "RELIABILITY|LOST|GPU |STACKS|STOP |KV |^Thread 0x|File \"|^  [a-z_]+\.py|passed|failed" \
+    | cut -c1-1500 | tail -90
+}
 case $step in
 a) timeout 330 python3 -m pytest -q -rs -m "gpu and not slow" tests/gpu -p no:cacheprovider -o timeout=300 2>&1 \
      | tee "$L/pytest_gpu.log" | tail -25 ;;
@@ -52,8 +61,7 @@ t) python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/
    mk=$!
    timeout 60 python3 -m pytest -q -rs -m gpu tests/gpu/test_turbomind_engine.py -k "greedy or seeded" \
      -p no:cacheprovider 2>&1 | tee "$L/pytest_greedy.log" | tail -5
-   timeout 200 python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py -p no:cacheprovider 2>&1 \
-     | tee "$L/pytest_reliability.log" | grep -E "RELIABILITY|LOST|GPU |passed|failed|Error" | tail -30
+   reliability 200
    timeout 150 python3 -m pytest -q -s -rs -m gpu tests/test_remote_engine.py -k real_api_server \
      -p no:cacheprovider 2>&1 | tee "$L/pytest_remote.log" | grep -E '^\{|passed|failed|Error' | tail -10
    timeout 150 tail --pid=$mk -f /dev/null; kill $mk 2>/dev/null
@@ -87,8 +95,7 @@ c2) timeout 560 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" 
 r) python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
      --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1 &   # random 7B, Llama conversion, data-free AWQ
    mk=$!
-   timeout 320 python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py -p no:cacheprovider 2>&1 \
-     | tee "$L/pytest_reliability.log" | grep -E "RELIABILITY|LOST|GPU |passed|failed|Error" | tail -30
+   reliability 320
    timeout 150 python3 -m pytest -q -s -rs -m gpu tests/test_remote_engine.py -k real_api_server \
      -p no:cacheprovider 2>&1 | tee "$L/pytest_remote.log" | grep -E '^\{|passed|failed|Error|assert' | tail -10
    timeout 120 tail --pid=$mk -f /dev/null; kill $mk 2>/dev/null
@@ -108,17 +115,11 @@ c4) left=${LE_LIMIT:-575}
    left=$((${LE_LIMIT:-575} - SECONDS))
    [ $left -gt 200 ] && timeout $((left - 10)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
      --work-dir $B --parts cold --quick --json "$L/bench_cold.json" 2>&1 | tee "$L/bench_cold.log" | tail -20 ;;
-d) timeout ${LE_LIMIT:-300} python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py -k "stop or kv" \
-     -p no:cacheprovider 2>&1 | tee "$L/pytest_reliability.log" \
-     | grep -E "RELIABILITY|LOST|GPU |STACKS|STOP #|KV |^Thread 0x|File \"|^  [a-z_]+\.py|passed|failed" \
-     | cut -c1-1500 | tail -90 ;;
+d) reliability ${LE_LIMIT:-300} -k "stop or kv" ;;
 s1) python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
      --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1 &   # random 7B, Llama conversion, data-free AWQ
    mk=$!
-   timeout 330 python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py -k "stop or kv" \
-     -p no:cacheprovider 2>&1 | tee "$L/pytest_reliability.log" \
-     | grep -E "RELIABILITY|LOST|GPU |STACKS|STOP #|KV |^Thread 0x|File \"|^  [a-z_]+\.py|passed|failed" \
-     | cut -c1-1500 | tail -90
+   reliability 330 -k "stop or kv"
    timeout $((${LE_LIMIT:-575} - SECONDS - 5)) tail --pid=$mk -f /dev/null; kill $mk 2>/dev/null
    tail -3 "$L/bench_make.log"; ls $B ;;
 s2) LE_BENCH_TRACE_HTTP=1 timeout 300 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
@@ -133,14 +134,10 @@ s3) timeout $((${LE_LIMIT:-575} - 150)) python3 -m legal_eagle.bench --model-dir
    left=$((${LE_LIMIT:-575} - SECONDS))
    [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
      --work-dir $B --parts fp16 --quick --json "$L/bench_fp16.json" 2>&1 | tee "$L/bench_fp16.log" | tail -20 ;;
-s4) timeout $((${LE_LIMIT:-575} - 120)) python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py \
-     -p no:cacheprovider 2>&1 | tee "$L/pytest_reliability.log" \
-     | grep -E "RELIABILITY|LOST|GPU |STACKS|STOP |KV |^Thread 0x|File \"|passed|failed" | cut -c1-1200 | tail -70
+s4) reliability $((${LE_LIMIT:-575} - 120))
    left=$((${LE_LIMIT:-575} - SECONDS - 5))
    [ $left -gt 60 ] && timeout $left python3 -m pytest -q -rs -m "gpu and not slow" tests/gpu/test_turbomind_engine.py \
      tests/gpu/test_convert_turbomind.py -p no:cacheprovider 2>&1 | tee "$L/pytest_gpu.log" | tail -8 ;;
-s5) timeout $((${LE_LIMIT:-575} - 5)) python3 -m pytest -q -s -rs -m gpu tests/gpu/test_reliability_gpu.py \
-     -k "stop or kv or first_update" -p no:cacheprovider 2>&1 | tee "$L/pytest_reliability.log" \
-     | grep -E "RELIABILITY|LOST|GPU |STACKS|STOP |KV |^Thread 0x|File \"|passed|failed" | cut -c1-1200 | tail -70 ;;
+s5) reliability $((${LE_LIMIT:-575} - 5)) -k "stop or kv or first_update" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
