@@ -69,8 +69,9 @@ def test_a_stopped_answer_keeps_the_meta_of_its_last_update(settings: Any) -> No
 
 
 def test_the_stop_handler_ends_its_own_sessions_answer_only(settings: Any) -> None:
-    """Stop signals the running answer of the caller's session: it ends normally ("已停止"), keeps
-    its text, and the engine stream is closed; another session's answer runs on."""
+    """Stop closes the engine stream of the caller's session's answer at once, even while its handler
+    waits at a yield (as after a cancel Gradio never closed); the answer, iterated again, ends normally
+    ("已停止") and keeps its text; another session's answer runs on."""
     from types import SimpleNamespace
 
     from legal_eagle.prompts import load_prompts
@@ -87,12 +88,13 @@ def test_the_stop_handler_ends_its_own_sessions_answer_only(settings: Any) -> No
         next(my_answer), next(their_answer)
     assert engine.active_generations() == 2
     assert handlers.stop(mine) == STOPPED
+    assert engine.active_generations() == 1  # closed at once, though the handler has not run since
     *_, (_, _, _, status) = my_answer  # runs to its end by itself
     assert status.startswith("已停止 · ") and my_turns[-1]["meta"]["finish_reason"] == "abort"
     assert my_turns[-1]["content"] and engine.active_generations() == 1
     *_, (_, _, _, their_status) = their_answer
     assert "已达到最大生成长度" in their_status or "回答完成" in their_status
-    assert engine.active_generations() == 0 and handlers._stops == {}
+    assert engine.active_generations() == 0 and handlers.answers.sessions() == 0
     assert handlers.stop(mine) == STOPPED  # nothing running: a no-op
 
 

@@ -5,22 +5,22 @@ wires them to components. Each browser tab keeps its own history in a ``gr.State
 of turns ``{"role", "content", "meta"?}``, mutated in place while an answer streams so that
 a Stop keeps the partial answer.
 
-Stop works twice over: Gradio cancels the running event (``cancels=``), and the Stop handler
-itself signals the tab's running answer (by its Gradio session), which then closes its engine
-stream at the next chunk and ends normally. The second path does not depend on Gradio closing
-the cancelled generator, which on the GPU machine it did not do for gradio_client's cancel
-(docs/reliability.md); it is also the API's ``/stop``.
+Stop works twice over: Gradio cancels the running event (``cancels=``), and every running
+answer is registered by its Gradio session (``ui.stops``), so that the Stop handler (also the
+API's ``/stop``), Gradio's ``/cancel`` and a dropped event stream (seen by ``ui.cancel_watch``)
+close its engine stream at once, whether or not Gradio ever closes the cancelled generator —
+which on the GPU machine it did not do for gradio_client's cancel (docs/reliability.md). A
+stopped answer that is still iterated ends normally with what it has ("已停止").
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from legal_eagle.metrics import StreamTimer
 from legal_eagle.prompts import Prompts
 from legal_eagle.service import ModelService
 from legal_eagle.ui.pacing import UpdatePacer
+from legal_eagle.ui.stops import RunningAnswer, RunningAnswers
 from legal_eagle.ui.widgets import CheckedSlider
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ class ChatHandlers:
     prompts: Prompts
     statutes: Future[StatuteBase | None] | None = None  # opened in the background (index build ~20 s once)
     pacer: UpdatePacer = field(default_factory=UpdatePacer)  # updates per 50 ms alone, fewer under load
-    _stops: dict[str, threading.Event] = field(default_factory=dict, init=False, repr=False)
-    _stops_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    answers: RunningAnswers = field(default_factory=RunningAnswers, init=False, repr=False)
 
     def statute_base(self) -> StatuteBase | None:
         """The statute base once it is open; None while it builds, when absent, or when it failed."""
@@ -86,11 +86,7 @@ class ChatHandlers:
 
     def stop(self, request: gr.Request | None = None) -> str:
         """Stop this session's running answer (it keeps what it has and ends normally)."""
-        key = session_of(request)
-        with self._stops_lock:
-            signal = self._stops.get(key) if key is not None else None
-        if signal is not None:
-            signal.set()
+        if self.answers.stop(session_of(request)):
             log.info("stop asked for a running answer")
         return STOPPED
 
@@ -143,26 +139,11 @@ class ChatHandlers:
             yield self._outputs(turns, box, f"⏳ {reason}（已等待 {time.monotonic() - start:.0f} 秒）")
             time.sleep(_PAUSE_POLL_S)
 
-    @contextmanager
-    def _stop_signal(self, session: str | None) -> Iterator[threading.Event]:
-        """A fresh Stop signal for one answer, findable by its session while the answer runs."""
-        signal = threading.Event()
-        if session is not None:
-            with self._stops_lock:
-                self._stops[session] = signal
-        try:
-            yield signal
-        finally:
-            if session is not None:
-                with self._stops_lock:
-                    if self._stops.get(session) is signal:
-                        del self._stops[session]
-
     def _answer(self, question: str, turns: Turns, persona: str, params: SamplingParams,
                 box: str, session: str | None = None) -> Iterator[Outputs]:
         """Wait out a comparison's pause, then stream one answer with the leased engine."""
         with ExitStack() as stack:
-            stop = stack.enter_context(self._stop_signal(session))
+            running = stack.enter_context(self.answers.running(session))
             while True:
                 yield from self._wait_while_paused(turns, box)
                 try:
@@ -171,10 +152,10 @@ class ChatHandlers:
                 except LegalEagleError as exc:
                     if self.service.paused() is None:  # not ready or failed (a new pause: wait again)
                         raise gr.Error(exc.user_message) from None
-            yield from self._stream(question, turns, persona, params, engine, stop)
+            yield from self._stream(question, turns, persona, params, engine, running)
 
     def _stream(self, question: str, turns: Turns, persona: str, params: SamplingParams,
-                engine: Any, stop: threading.Event) -> Iterator[Outputs]:
+                engine: Any, running: RunningAnswer) -> Iterator[Outputs]:
         """Stream one answer into ``turns`` (in place) and the chatbot."""
         history: list[Message] = [{"role": t["role"], "content": t["content"]} for t in turns]
         base = self.statute_base() if self.settings.grounding else None
@@ -199,10 +180,8 @@ class ChatHandlers:
         tokens, reason, last_yield = 0, "abort", 0.0
         yield self._outputs(turns, "", f"正在生成… {notice}")
         try:
-            with self.pacer.streaming(), closing(engine.stream(trimmed.messages, params)) as stream:
-                for chunk in stream:
-                    if stop.is_set():
-                        break  # leaving the block closes the stream: the engine aborts the answer
+            with self.pacer.streaming(), closing(running):  # closed before the lease goes back
+                for chunk in running.follow(engine.stream(trimmed.messages, params)):  # ends at a Stop
                     answer["content"] += chunk.text
                     tokens = chunk.n_tokens
                     timer.record(tokens)
@@ -275,8 +254,12 @@ def display(turns: Turns) -> list[dict[str, str]]:
     return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
-def build_chat_tab(handlers: ChatHandlers) -> None:
-    """Lay out the chat tab inside the current ``gr.Blocks`` and wire its events."""
+def build_chat_tab(handlers: ChatHandlers) -> list[int]:
+    """Lay out the chat tab inside the current ``gr.Blocks`` and wire its events.
+
+    Returns:
+        The fn indices of the events that stream answers (for ``cancel_watch.StopHook``).
+    """
     settings, prompts = handlers.settings, handlers.prompts
     turns = gr.State([])
     gr.Markdown(prompts.disclaimer, elem_id="disclaimer")
@@ -328,3 +311,4 @@ def build_chat_tab(handlers: ChatHandlers) -> None:
         handlers.citations_panel, inputs=[turns], outputs=[panel], api_name=False, concurrency_limit=None)
     export.click(handlers.export, inputs=[turns, persona], outputs=[files], api_name="export",
                  concurrency_limit=None)
+    return [dict(event)["id"] for event in (send_event, submit_event, regen_event)]
