@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         statutes.add_done_callback(_log_statute_failure)
         demo = build_app(service, settings, prompts, statutes, comparison)
         try:
-            demo.launch(**launch_kwargs(settings, {"chat": service}))  # type: ignore[arg-type]
+            demo.launch(**launch_kwargs(demo, settings, {"chat": service}))  # type: ignore[arg-type]
         except LegalEagleError as exc:
             print(exc.user_message, file=sys.stderr)
             return 1

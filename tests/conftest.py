@@ -103,7 +103,7 @@ def launch(settings: Settings) -> Iterator[Callable[..., Any]]:
         svc = service or ModelService.ready_with(engine or FakeEngine())
         demo = build_app(svc, run_settings, load_prompts(), statutes)
         demos.append(demo)
-        kwargs = launch_kwargs(run_settings)
+        kwargs = launch_kwargs(demo, run_settings)
         _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
         return Client(url, verbose=False)
 

@@ -27,10 +27,11 @@ def launched(settings: Settings) -> Iterator[Any]:
     """Launch the real page with extra launch arguments; returns ``(demo, url)``."""
     demos: list[Any] = []
 
-    def _launch(service: ModelService, **extra: Any) -> tuple[Any, str]:
+    def _launch(service: ModelService, services: Any = None, **extra: Any) -> tuple[Any, str]:
         demo = build_app(service, settings, load_prompts())
         demos.append(demo)
-        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **(launch_kwargs(settings) | extra))
+        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True,
+                                **(launch_kwargs(demo, settings, services) | extra))
         return demo, url
 
     yield _launch
@@ -92,7 +93,7 @@ def test_health_payload_states() -> None:
 
 def test_healthz_on_launched_app_as_app_py_launches_it(launched: Any, settings: Settings) -> None:
     service, release = blocked_service()
-    _, url = launched(service, **launch_kwargs(settings, {"chat": service}))  # what app.py passes
+    _, url = launched(service, services={"chat": service})  # what app.py passes
     assert wait_for(lambda: service.status().stage == "loading")
     preparing = httpx.get(url + "healthz")
     assert preparing.status_code == 503 and preparing.json()["services"]["chat"]["stage"] == "loading"
@@ -143,10 +144,11 @@ def test_auth_protects_page_and_api_but_not_healthz(launched: Any) -> None:
 def test_auth_setting_reaches_launch_and_bad_values_are_config_errors(settings: Any) -> None:
     from dataclasses import replace
 
-    assert "auth" not in launch_kwargs(settings)
-    kwargs = launch_kwargs(replace(settings, auth="lawyer:s3cret:pass,guest:guest-pw"))
+    demo = build_app(ModelService.ready_with(FakeEngine()), settings, load_prompts())
+    assert "auth" not in launch_kwargs(demo, settings)
+    kwargs = launch_kwargs(demo, replace(settings, auth="lawyer:s3cret:pass,guest:guest-pw"))
     assert kwargs["auth"] == USERS
     loaded = Settings.load([], {"LE_AUTH": "guest:guest-pw"})
-    assert launch_kwargs(loaded)["auth"] == [("guest", "guest-pw")]
+    assert launch_kwargs(demo, loaded)["auth"] == [("guest", "guest-pw")]
     with pytest.raises(ValueError, match="user:password"):
         Settings.load(["--auth", "nopassword"], {})

@@ -503,6 +503,34 @@ def _stopped(engine: FakeEngine, call: Any) -> None:
     assert call.tokens == tokens, "tokens kept coming after the session was freed"
 
 
+def walk_away(url: str, session: str, answering: Callable[[], bool], max_new: str = "1024") -> None:
+    """Join a chat event as a page does, read its event stream until ``answering()``, then drop it."""
+    join = httpx.post(url + "gradio_api/queue/join",
+                      json={"data": json.loads(chat_body(max_new=max_new)), "fn_index": fn_index(url, "chat"),
+                            "session_hash": session})
+    assert join.status_code == 200
+    with httpx.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}, timeout=10) as resp:
+        for _ in resp.iter_lines():
+            if answering():
+                break
+
+
+@contextmanager
+def never_closed_by_gradio() -> Iterator[list[Any]]:
+    """Gradio's close of a cancelled handler does nothing and the handler stays referenced: what the
+    GPU machine showed after gradio_client's cancel (the engine must be freed all the same)."""
+    import gradio.utils
+
+    kept: list[Any] = []
+
+    async def aclose(self: Any, *args: Any, **kwargs: Any) -> None:
+        kept.append(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gradio.utils.SyncToAsyncIterator, "aclose", aclose)
+        yield kept
+
+
 def test_stop_and_disconnect_free_the_engine_session(launch: Any) -> None:
     engine = FakeEngine(script=lambda m, p: "很长的回答。" * 300, delay_s=0.01)
     client = fast(launch(engine))
@@ -534,18 +562,19 @@ def test_stop_and_disconnect_free_the_engine_session(launch: Any) -> None:
             assert job.result(timeout=10)[2].startswith("已停止 · ")
         with tally.attempt("client disconnects mid-answer (event stream closed)"):
             before = len(engine.calls)
-            session = "walks-away"
-            join = httpx.post(url + "gradio_api/queue/join",
-                              json={"data": json.loads(chat_body(max_new="1024")), "fn_index": fn_index(url, "chat"),
-                                    "session_hash": session})
-            assert join.status_code == 200
-            with httpx.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session},
-                              timeout=10) as resp:
-                for _ in resp.iter_lines():
-                    if len(engine.calls) > before and engine.calls[-1].tokens > 10:
-                        break
-            call = engine.calls[-1]
-            _stopped(engine, call)
+            walk_away(url, "walks-away", lambda: len(engine.calls) > before and engine.calls[-1].tokens > 10)
+            _stopped(engine, engine.calls[-1])
+        with never_closed_by_gradio():  # what the GPU machine showed for gradio_client's cancel
+            with tally.attempt("job.cancel() where Gradio never closes the handler (as on the GPU machine)"):
+                before = len(engine.calls)
+                job = client.submit("请详细说明三", *args, api_name="/chat")
+                call = _running_call(engine, before)
+                job.cancel()
+                _stopped(engine, call)
+            with tally.attempt("client disconnect where Gradio never closes the handler"):
+                before = len(engine.calls)
+                walk_away(url, "walks-away-2", lambda: len(engine.calls) > before and engine.calls[-1].tokens > 10)
+                _stopped(engine, engine.calls[-1])
         with tally.attempt("the same tab asks again and keeps the stopped answer in its history"):
             engine.delay_s = 0.0
             _, _, status_line = ask(client, "继续")
@@ -945,7 +974,8 @@ def launch_with_login(settings: Settings) -> Iterator[Callable[[Any], tuple[str,
         service = ModelService.ready_with(engine)
         demo = build_app(service, app_settings, load_prompts())
         demos.append(demo)
-        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs(app_settings, {"chat": service}))
+        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True,
+                                **launch_kwargs(demo, app_settings, {"chat": service}))
         return str(url), app_settings
 
     yield _launch

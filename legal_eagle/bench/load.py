@@ -368,7 +368,7 @@ def running_app(engine: Engine, settings: Settings) -> Iterator[str]:
 
     service = ModelService.ready_with(engine, name="bench")
     demo = build_app(service, settings, load_prompts())
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs(settings))  # type: ignore[arg-type]
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs(demo, settings))  # type: ignore[arg-type]
     try:
         yield url
     finally:

@@ -8,12 +8,14 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from legal_eagle.citations import StatuteBase
 from legal_eagle.compare import EngineProvider, UnavailableProvider
 from legal_eagle.config import Settings
 from legal_eagle.prompts import Prompts
 from legal_eagle.service import ModelService
+from legal_eagle.ui.cancel_watch import CancelWatch, StopHook
 from legal_eagle.ui.chat_tab import ChatHandlers, build_chat_tab
 from legal_eagle.ui.compare_tab import CompareHandlers, build_compare_tab
 from legal_eagle.ui.frontend_zh import JS as ZH_MESSAGES_JS
@@ -21,6 +23,7 @@ from legal_eagle.ui.health import health_routes, parse_auth
 from legal_eagle.ui.status_bar import build_status_bar
 
 TITLE = "Legal-Eagle 法律咨询"
+STOP_HOOK = "legal_eagle_stop_hook"  # the attribute of a built app that says whom Gradio's cancels concern
 CSS = """
 #disclaimer { font-size: 0.85em; opacity: 0.85; }
 #model-status { font-size: 0.9em; }
@@ -65,19 +68,23 @@ def build_app(service: ModelService, settings: Settings, prompts: Prompts,
         build_status_bar(service)
         with gr.Tabs():
             with gr.Tab("法律咨询", id="chat"):
-                build_chat_tab(ChatHandlers(service=service, settings=settings, prompts=prompts, statutes=statutes))
+                chat = ChatHandlers(service=service, settings=settings, prompts=prompts, statutes=statutes)
+                answer_events = build_chat_tab(chat)
             with gr.Tab("fp16 与 4-bit 对比", id="compare"):
                 provider = comparison or UnavailableProvider("本次运行没有配置 fp16 对比模型。")
                 build_compare_tab(CompareHandlers(service=service, provider=provider, settings=settings,
                                                   prompts=prompts))
     demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=settings.max_queue_size)
+    setattr(demo, STOP_HOOK, StopHook(chat.answers.stop, answer_events))  # read by launch_kwargs
     return demo
 
 
-def launch_kwargs(settings: Settings, services: Mapping[str, ModelService] | None = None) -> dict[str, object]:
-    """Arguments for ``demo.launch`` that follow from the settings.
+def launch_kwargs(demo: gr.Blocks, settings: Settings,
+                  services: Mapping[str, ModelService] | None = None) -> dict[str, object]:
+    """Arguments for ``demo.launch`` that follow from the app and the settings.
 
     Args:
+        demo: the app from ``build_app`` (its chat answers are stopped on Gradio's cancels).
         settings: the run's settings.
         services: model services by name; when given, ``GET /healthz`` reports their state.
     """
@@ -90,8 +97,10 @@ def launch_kwargs(settings: Settings, services: Mapping[str, ModelService] | Non
         "theme": gr.themes.Soft(),
         "show_error": True,
     }
+    app_kwargs: dict[str, object] = {"middleware": [Middleware(CancelWatch, hook=getattr(demo, STOP_HOOK))]}
     if services is not None:
-        kwargs["app_kwargs"] = {"routes": health_routes(services)}
+        app_kwargs["routes"] = health_routes(services)
+    kwargs["app_kwargs"] = app_kwargs
     users = parse_auth(settings.auth)
     if users:
         kwargs["auth"] = users
