@@ -5,7 +5,7 @@
 #   pip download --no-deps -d .gpu/extra sniffio      # and carry ".gpu/extra" with the last piece
 #   (the PyTorch-engine tune variants need pyzmq, which the GPU venv lacks:
 #    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .gpu/extra pyzmq
-#    and then xgrammar as well, not carried yet: with pyzmq alone they stop at "No module named 'xgrammar'")
+#    and xgrammar the same way: with pyzmq alone they stopped at "No module named 'xgrammar'")
 # (`lmdeploy serve api_server` imports openai, a dependency of lmdeploy that the GPU image lacks; openai imports
 # sniffio, which prepare.sh leaves out as "in the image" but the image's venv lacks; installed below if carried):
 #   bash scripts/gpu_session.sh a    # GPU tests: TurboMind engine, InternLM2 reader == converted Llama, AWQ on CUDA
@@ -29,6 +29,10 @@
 #   bash scripts/gpu_session.sh s2   # the bench's serve part (HTTP timeline traced), then the cold part
 #   bash scripts/gpu_session.sh s3   # target 6 with LMDeploy's PyTorch engine (pyzmq carried), then the fp16 part
 #   bash scripts/gpu_session.sh s5   # s4's new cases only (Stop three ways, first updates, KV refusal, KV load)
+#   bash scripts/gpu_session.sh s6   # the proxy variables, the whole GPU reliability suite (Stop four ways with the
+#                                    # live handler generators and who holds them, gradio_client's trace, KV refusal,
+#                                    # KV load into ~12,000 tokens), then the TurboMind engine tests
+#   bash scripts/gpu_session.sh s7   # random 7B checkpoints, the bench's serve part (traced), then the PyTorch engine
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -139,5 +143,20 @@ s4) reliability $((${LE_LIMIT:-575} - 120))
    [ $left -gt 60 ] && timeout $left python3 -m pytest -q -rs -m "gpu and not slow" tests/gpu/test_turbomind_engine.py \
      tests/gpu/test_convert_turbomind.py -p no:cacheprovider 2>&1 | tee "$L/pytest_gpu.log" | tail -8 ;;
 s5) reliability $((${LE_LIMIT:-575} - 5)) -k "stop or kv or first_update" ;;
+s6) env | grep -i proxy | sed 's/=.*/=(set)/'; echo "proxy variables above (none: nothing printed)"
+   reliability $((${LE_LIMIT:-575} - 150))
+   left=$((${LE_LIMIT:-575} - SECONDS - 5))
+   [ $left -gt 60 ] && timeout $left python3 -m pytest -q -rs -m "gpu and not slow" tests/gpu/test_turbomind_engine.py \
+     -p no:cacheprovider 2>&1 | tee "$L/pytest_gpu.log" | tail -8 ;;
+s7) timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
+     --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1; tail -3 "$L/bench_make.log"
+   fp16=$B/llama; awq=$B/awq; left=$((${LE_LIMIT:-575} - SECONDS))
+   LE_BENCH_TRACE_HTTP=1 timeout $((left > 300 ? 280 : left - 20)) python3 -m legal_eagle.bench --model-dir "$R7" \
+     --awq-dir "$awq" --work-dir $B --parts serve --quick --json "$L/bench_serve.json" 2>&1 \
+     | tee "$L/bench_serve.log" | grep -v " trace " | tail -40
+   left=$((${LE_LIMIT:-575} - SECONDS))
+   [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
+     --work-dir $B --parts tune --tune-variants pytorch-awq,pytorch-fp16 --quick --json "$L/bench_tune.json" 2>&1 \
+     | tee "$L/bench_tune.log" | tail -30 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
