@@ -32,7 +32,8 @@
 #   bash scripts/gpu_session.sh s6   # the proxy variables, the whole GPU reliability suite (Stop four ways with the
 #                                    # live handler generators and who holds them, gradio_client's trace, KV refusal,
 #                                    # KV load into ~12,000 tokens), then the TurboMind engine tests
-#   bash scripts/gpu_session.sh s7   # random 7B checkpoints, the bench's serve part (traced), then the PyTorch engine
+#   bash scripts/gpu_session.sh s7   # random 7B checkpoints, KV exhaustion on the 7B, the bench's serve part (traced),
+#                                    # then the PyTorch engine in the time left
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -150,7 +151,9 @@ s6) env | grep -i proxy | sed 's/=.*/=(set)/'; echo "proxy variables above (none
      -p no:cacheprovider 2>&1 | tee "$L/pytest_gpu.log" | tail -8 ;;
 s7) timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
      --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1; tail -3 "$L/bench_make.log"
-   fp16=$B/llama; awq=$B/awq; left=$((${LE_LIMIT:-575} - SECONDS))
+   fp16=$B/llama; awq=$B/awq
+   LE_KV_MODEL=$B/llama reliability 170 -k "too_small_for_the_load"   # KV exhaustion with the 7B's real KV size
+   left=$((${LE_LIMIT:-575} - SECONDS))
    LE_BENCH_TRACE_HTTP=1 timeout $((left > 300 ? 280 : left - 20)) python3 -m legal_eagle.bench --model-dir "$R7" \
      --awq-dir "$awq" --work-dir $B --parts serve --quick --json "$L/bench_serve.json" 2>&1 \
      | tee "$L/bench_serve.log" | grep -v " trace " | tail -40

@@ -18,6 +18,7 @@ Skips itself where TurboMind's native module cannot load. Needs no network; abou
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -552,7 +553,9 @@ def test_kv_cache_too_small_for_the_load(fp16_dir: Path, tmp_path: Path) -> None
     report: dict[str, Any] = {}
     with record("GPU KV cache too small for the load") as tally:
         with tally.attempt("the process survives (no TurboMind abort), the engine loads"):
-            report = run_kv_child(fp16_dir, "tokens:12000", tmp_path / "kv_stacks.txt", session_len=4096)
+            model = Path(os.environ.get("LE_KV_MODEL", fp16_dir))  # e.g. the bench's random 7B (fp16)
+            print(f"GPU KV load model: {model}")
+            report = run_kv_child(model, "tokens:12000", tmp_path / "kv_stacks.txt", session_len=4096)
             assert "load_error" not in report, report
         print(f"GPU KV report: {json.dumps(report, ensure_ascii=False)[:3000]}")
         for i, outcome in enumerate(report.get("outcomes") or []):
