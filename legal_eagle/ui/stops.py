@@ -6,9 +6,9 @@ cannot see anything else, and on the GPU machine that close did not come for gra
 cancel (docs/reliability.md). So each running answer is registered here under its Gradio
 session, and a stop — the Stop button's handler, the ``/stop`` API, Gradio's ``/cancel`` or a
 dropped event stream seen by ``cancel_watch`` — sets the answer's flag *and* closes its engine
-stream at once when the handler is not inside it: the engine then aborts the generation and
-frees its slot (``Engine.stream``'s contract), whether Gradio ever closes the handler or not.
-When the handler is inside the engine's generator, it stops after that chunk.
+stream — at once, or right after the chunk the handler is pulling — so the engine aborts the
+generation and frees its slot (``Engine.stream``'s contract), whether Gradio ever resumes or
+closes the handler or not. A stream is never closed under a running pull.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from legal_eagle.engines.base import Chunk
 
 log = logging.getLogger(__name__)
+STOP_WAIT_S = 30.0  # how long a stop waits for the chunk being pulled (TurboMind: milliseconds)
 
 
 class RunningAnswer:
@@ -46,14 +47,21 @@ class RunningAnswer:
                     return
             yield chunk
 
-    def stop(self) -> None:
-        """Stop the answer: its engine stream is closed now unless the handler is pulling from it."""
+    def stop(self, wait_s: float = STOP_WAIT_S) -> None:
+        """Stop the answer and close its engine stream, after the chunk being pulled if there is one.
+
+        Waiting for that pull matters: the handler may hand its chunk to Gradio at a ``yield`` that
+        a cancel never resumes (the GPU machine, 2026-12-04: 1 of 2 gradio_client cancels lost when
+        this only set the flag), so nobody else would close the stream.
+        """
         self.stopped.set()
-        if self._lock.acquire(blocking=False):  # the handler is not inside the engine's generator
+        if self._lock.acquire(timeout=wait_s):
             try:
                 self._close_locked()
             finally:
                 self._lock.release()
+        else:
+            log.warning("a stopped answer's engine gave no chunk for %.0f s; it ends at its next chunk", wait_s)
 
     def close(self) -> None:
         """Close the engine stream (once; waits for a pull in progress)."""
@@ -93,7 +101,7 @@ class RunningAnswers:
             answer.close()
 
     def stop(self, session: str | None) -> int:
-        """Stop every running answer of ``session``; how many there were."""
+        """Stop every running answer of ``session`` (waits for chunks being pulled); how many there were."""
         with self._lock:
             answers = list(self._by_session.get(session, ())) if session is not None else []
         for answer in answers:
