@@ -571,3 +571,32 @@ def test_kv_cache_too_small_for_the_load(fp16_dir: Path, tmp_path: Path) -> None
         refused = [o for o in outcomes if o and not o["ok"]]
         print(f"GPU KV: {sum(1 for o in outcomes if o and o['ok'])} completed, {len(refused)} refused "
               f"({sorted({o['message'] for o in refused})}), {report.get('hung')} hung")
+
+
+def test_an_abandoned_turbomind_stream_is_aborted_and_counted_out(turbomind: Any, monkeypatch: Any) -> None:
+    """The backstop behind every Stop path: a consumer that stops reading without closing gets its
+    TurboMind request aborted after ABANDON_S (0.5 s here, 30 s in the app) of unread outputs."""
+    from legal_eagle.engines import turbomind as tm
+
+    original = tm.generation_kwargs
+    monkeypatch.setattr(tm, "generation_kwargs", lambda p, s: {**original(p, s), "ignore_eos": True,
+                                                               "min_new_tokens": p.max_new_tokens})
+    monkeypatch.setattr(tm, "ABANDON_S", 0.5)
+    with record("GPU abandoned stream (outputs left unread)") as tally:
+        with tally.attempt("the request is aborted and counted out after ABANDON_S"):
+            gen = turbomind.stream([{"role": "user", "content": "请详细说明"}],
+                                   SamplingParams(greedy=True, max_new_tokens=12000))
+            assert next(gen).n_tokens >= 1 and next(gen).n_tokens >= 1
+            started = time.monotonic()
+            assert wait_for(lambda: turbomind.active_generations() == 0, 10), "still counted after 10 s"
+            freed_s = time.monotonic() - started
+            assert wait_for(lambda: engine_idle(turbomind), 10), "TurboMind still holds the request"
+            rest = list(gen)
+            print(f"GPU abandoned stream: counted out after {freed_s:.2f} s, "
+                  f"{rest[-1].n_tokens} of 12000 tokens, end {rest[-1].finish_reason}")
+            assert 0.5 <= freed_s < 5 and rest[-1].finish_reason == "abort" and rest[-1].n_tokens < 12000
+        with tally.attempt("the next request is served"):
+            monkeypatch.setattr(tm, "generation_kwargs", original)
+            chunks = list(turbomind.stream([{"role": "user", "content": "你好"}], SamplingParams(greedy=True,
+                                                                                              max_new_tokens=8)))
+            assert chunks[-1].finish_reason in ("stop", "length")
