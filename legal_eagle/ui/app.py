@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 
 import gradio as gr
-from starlette.middleware import Middleware
+from fastapi.middleware import Middleware
 
 from legal_eagle.citations import StatuteBase
 from legal_eagle.compare import EngineProvider, UnavailableProvider

@@ -8,9 +8,10 @@ a Stop keeps the partial answer.
 Stop works twice over: Gradio cancels the running event (``cancels=``), and every running
 answer is registered by its Gradio session (``ui.stops``), so that the Stop handler (also the
 API's ``/stop``), Gradio's ``/cancel`` and a dropped event stream (seen by ``ui.cancel_watch``)
-close its engine stream at once, whether or not Gradio ever closes the cancelled generator —
-which on the GPU machine it did not do for gradio_client's cancel (docs/reliability.md). A
-stopped answer that is still iterated ends normally with what it has ("已停止").
+close its engine stream (right after the chunk being pulled), whether or not Gradio ever closes
+the cancelled generator — which on the GPU machine it did not always do for gradio_client's
+cancel (docs/reliability.md). A stopped answer that is still iterated ends normally with what it
+has ("已停止").
 """
 
 from __future__ import annotations
