@@ -63,10 +63,10 @@ class CancelWatch:
             message = await receive()
             messages.append(message)
             body += message.get("body", b"")
-            if message["type"] != "http.request" or not message.get("more_body") or len(body) > MAX_CANCEL_BODY:
+            whole = message["type"] == "http.request" and not message.get("more_body")
+            if whole or message["type"] != "http.request" or len(body) > MAX_CANCEL_BODY:
                 break
-        if len(body) <= MAX_CANCEL_BODY and messages[-1]["type"] == "http.request" \
-                and not messages[-1].get("more_body"):
+        if whole and len(body) <= MAX_CANCEL_BODY:
             session, fn = _cancelled(body)
             if session is not None and fn in self.hook.fn_indices:
                 self._tell(session, "cancel")
