@@ -151,7 +151,7 @@ s6) env | grep -i proxy | sed 's/=.*/=(set)/'; echo "proxy variables above (none
      -p no:cacheprovider 2>&1 | tee "$L/pytest_gpu.log" | tail -8 ;;
 s7) timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
      --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1; tail -3 "$L/bench_make.log"
-   fp16=$B/llama; awq=$B/awq
+   awq=$B/awq
    LE_KV_MODEL=$B/llama reliability 170 -k "too_small_for_the_load"   # KV exhaustion with the 7B's real KV size
    left=$((${LE_LIMIT:-575} - SECONDS))
    LE_BENCH_TRACE_HTTP=1 timeout $((left > 300 ? 280 : left - 20)) python3 -m legal_eagle.bench --model-dir "$R7" \
