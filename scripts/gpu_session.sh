@@ -34,6 +34,8 @@
 #                                    # KV load into ~12,000 tokens), then the TurboMind engine tests
 #   bash scripts/gpu_session.sh s7   # random 7B checkpoints, KV exhaustion on the 7B, the bench's serve part (traced),
 #                                    # then the PyTorch engine in the time left
+#   bash scripts/gpu_session.sh s8   # random 7B checkpoints, the serve part (gradio_client with ssl_verify=False),
+#                                    # then TM_GEMM_WEIGHT_PACK=0/1 against the default 4-bit plan (target 6)
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -161,5 +163,14 @@ s7) timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B 
    [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
      --work-dir $B --parts tune --tune-variants pytorch-awq,pytorch-fp16 --quick --json "$L/bench_tune.json" 2>&1 \
      | tee "$L/bench_tune.log" | tail -30 ;;
+s8) timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
+     --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1; tail -3 "$L/bench_make.log"
+   awq=$B/awq   # the serve part with gradio_client users made with ssl_verify=False, then TM_GEMM_WEIGHT_PACK
+   timeout 200 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" --work-dir $B --parts serve --quick \
+     --json "$L/bench_serve.json" 2>&1 | tee "$L/bench_serve.log" | tail -40
+   left=$((${LE_LIMIT:-575} - SECONDS))
+   [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
+     --work-dir $B --parts tune --tune-variants app-default,pack-plain,pack-forced --quick \
+     --json "$L/bench_tune.json" 2>&1 | tee "$L/bench_tune.log" | tail -30 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -391,6 +391,12 @@ def test_run_parts_order_and_awq_dir_logic(tmp_path: Path, monkeypatch: pytest.M
     assert "group_size" not in calls[1][1]
     assert calls[2][1]["backend"] == "pytorch" and calls[2][1]["dir"] == str((tmp_path / "w" / "awq").resolve())
     assert calls[3][1]["backend"] == "pytorch" and calls[3][1]["format"] == "hf"
+    calls.clear()
+    packs = [*argv[:-2], "--parts", "tune", "--tune-variants", "pack-plain,pack-forced"]
+    cli.run_parts(cli.build_parser().parse_args(packs), {"tune"}, [])
+    # TurboMind's weight-pack knob reaches the child's environment (that is where TurboMind reads it)
+    assert [c[1]["env"] for c in calls] == [{"TM_GEMM_WEIGHT_PACK": "0"}, {"TM_GEMM_WEIGHT_PACK": "1"}]
+    assert all(c[1]["format"] == "awq" for c in calls)
 
 
 def test_unknown_part_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

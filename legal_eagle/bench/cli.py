@@ -44,6 +44,10 @@ TUNE_VARIANTS: dict[str, dict[str, Any]] = {
         "env": {"TM_GEMM_TUNE": "max_splits=16,max_waves=32," + _FULL_SEARCH},
     },
     "import-cache": {"env": {"TM_GEMM_IMPORT": "{work}/gemm-cache.bin"}},  # the app's batch size, tuned plans
+    # TM_GEMM_WEIGHT_PACK (TurboMind 0.18's GEMM weight-plan debug knob): 0 forces the plain (source-
+    # preserving) kernel families, 1 the packed ones; unset lets TurboMind pick (the SM90 packed family).
+    "pack-plain": {"env": {"TM_GEMM_WEIGHT_PACK": "0"}},
+    "pack-forced": {"env": {"TM_GEMM_WEIGHT_PACK": "1"}},
     "fp16": {"format": "hf"},
     "g64": {"group_size": 64},  # AWQ with 64-wide groups (data-free, made in WORK_DIR/awq-g64 when absent)
     "pytorch-awq": {"backend": "pytorch"},  # LMDeploy's PyTorch engine on the same AWQ checkpoint
