@@ -21,6 +21,7 @@ from legal_eagle.calibration import CalibrationSpec
 BACKENDS = ("auto", "turbomind", "transformers", "remote", "fake")
 MODEL_FORMATS = ("awq", "hf")
 QUANT_POLICIES = (0, 4, 8)
+CACHE_GENERATION = ("all", "auto", "none")  # LMDeploy TurbomindEngineConfig.cache_generation
 
 
 def _default_cache_dir() -> str:
@@ -59,6 +60,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_batch_size", int, "most requests TurboMind decodes at once"),
     Option("tp", int, "number of GPUs to split the model over (tensor parallelism)"),
     Option("enable_prefix_caching", bool, "reuse the KV cache of a conversation's history"),
+    Option("cache_generation", str, "with prefix caching: all = also cache the answer's last, partly filled "
+           "KV block (the next turn computes only its new question), auto = whole blocks only, none = no "
+           "answer blocks", CACHE_GENERATION),
     Option("host", str, "address to listen on (0.0.0.0 to serve other machines)",
            env_extra=("GRADIO_SERVER_NAME",)),
     Option("port", int, "port to listen on", env_extra=("GRADIO_SERVER_PORT", "PORT")),
@@ -103,6 +107,7 @@ class Settings:
     max_batch_size: int = 32
     tp: int = 1
     enable_prefix_caching: bool = True
+    cache_generation: str = "all"
     host: str = "127.0.0.1"
     port: int = 7860
     concurrency_limit: int = 32  # = TurboMind max_batch_size: every admitted answer decodes in the same batch

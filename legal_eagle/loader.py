@@ -128,6 +128,7 @@ def load_engine(settings: Settings, progress: ProgressFn, checkpoints: Checkpoin
             max_batch_size=settings.max_batch_size,
             tp=settings.tp,
             enable_prefix_caching=settings.enable_prefix_caching,
+            cache_generation=settings.cache_generation,
             name=_display_name(settings, model_format),
         )
         engine = load()

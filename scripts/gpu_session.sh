@@ -36,6 +36,10 @@
 #                                    # then the PyTorch engine in the time left
 #   bash scripts/gpu_session.sh s8   # random 7B checkpoints, the serve part (gradio_client with ssl_verify=False),
 #                                    # then TM_GEMM_WEIGHT_PACK=0/1 against the default 4-bit plan (target 6)
+#   bash scripts/gpu_session.sh s9   # random 7B checkpoints, then target 6: gemm_input_dtype float8_e4m3 (AWQ and
+#                                    # fp16), blocked FP8 weights, TM_GEMM_WEIGHT_PACK=0/1, against AWQ and fp16
+#   bash scripts/gpu_session.sh s10  # after s9 on the same machine: prefix (cache_generation all/auto/off), kv8g
+#                                    # (int4 KV, prefill 1024/512/256, the CUDA context's share), then serve
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -172,5 +176,20 @@ s8) timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B 
    [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir "$awq" \
      --work-dir $B --parts tune --tune-variants app-default,pack-plain,pack-forced --quick \
      --json "$L/bench_tune.json" 2>&1 | tee "$L/bench_tune.log" | tail -30 ;;
+s9) timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
+     --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1; tail -3 "$L/bench_make.log"
+   left=$((${LE_LIMIT:-575} - SECONDS))   # target 6: FP8 GEMM inputs, blocked FP8 weights, the weight-pack knob
+   [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
+     --work-dir $B --parts tune --quick --json "$L/bench_tune.json" \
+     --tune-variants app-default,fp8-input,fp16,fp8,fp16-fp8-input,pack-plain,pack-forced 2>&1 \
+     | tee "$L/bench_tune.log" | tail -30 ;;
+s10) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir $B --parts prefix --quick \
+     --json "$L/bench_prefix.json" 2>&1 | tee "$L/bench_prefix.log" | grep -E "^\| 3 |prefix|error" | tail -8
+   timeout 150 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir $B --parts kv8g --quick \
+     --kv-policies 4 --kv-prefill 1024,512,256 --json "$L/bench_kv8g.json" 2>&1 | tee "$L/bench_kv8g.log" \
+     | grep -E "^\| 4 |kv8g|error" | tail -8
+   left=$((${LE_LIMIT:-575} - SECONDS))   # the app under load with cache_generation "all" (its new default)
+   [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
+     --work-dir $B --parts serve --quick --json "$L/bench_serve.json" 2>&1 | tee "$L/bench_serve.log" | tail -40 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -356,6 +356,9 @@ def test_run_parts_order_and_awq_dir_logic(tmp_path: Path, monkeypatch: pytest.M
 
     def fake_child(part: str, args: dict[str, Any], *, timeout_s: float, env: Any = None) -> dict[str, Any]:
         calls.append((part, args))
+        if part == "make_fp8":  # as the real part does: a complete folder appears
+            Path(args["fp8_dir"]).mkdir(parents=True)
+            (Path(args["fp8_dir"]) / "config.json").write_text("{}")
         return {"method": "data-free AWQ"} if part == "quick_awq" else {}
 
     monkeypatch.setattr(cli, "run_child", fake_child)
@@ -370,11 +373,12 @@ def test_run_parts_order_and_awq_dir_logic(tmp_path: Path, monkeypatch: pytest.M
     ]
     notes: list[str] = []
     cli.run_parts(cli.build_parser().parse_args(argv), {"serve", "prefix", "kv8g", "warm", "fp16"}, notes)
-    assert [c[0] for c in calls] == ["quick_awq", "serve", "serve", "prefix", "prefix", "kv8g", "warm"]
+    assert [c[0] for c in calls] == ["quick_awq", "serve", "serve", "prefix", "prefix", "prefix", "kv8g", "warm"]
     assert calls[1][1]["dir"] == str((tmp_path / "w" / "awq").resolve()) and calls[1][1]["app"] is True
     assert calls[2][1]["format"] == "hf" and calls[2][1]["app"] is False
-    assert [c[1]["enable_prefix_caching"] for c in calls[3:5]] == [True, False]
-    assert calls[5][1]["quant_policy"] == 8 and calls[5][1]["session_len"] == 4096
+    assert [c[1]["enable_prefix_caching"] for c in calls[3:6]] == [True, True, False]
+    assert [c[1]["cache_generation"] for c in calls[3:6]] == [None, "auto", None]  # None: the app's setting
+    assert calls[6][1]["quant_policy"] == 8 and calls[6][1]["session_len"] == 4096
     assert any("data-free" in n for n in notes)
     calls.clear()
     cli.run_parts(cli.build_parser().parse_args([*argv[:-2], "--parts", "cold,warm"]), {"cold", "warm"}, [])
@@ -397,6 +401,15 @@ def test_run_parts_order_and_awq_dir_logic(tmp_path: Path, monkeypatch: pytest.M
     # TurboMind's weight-pack knob reaches the child's environment (that is where TurboMind reads it)
     assert [c[1]["env"] for c in calls] == [{"TM_GEMM_WEIGHT_PACK": "0"}, {"TM_GEMM_WEIGHT_PACK": "1"}]
     assert all(c[1]["format"] == "awq" for c in calls)
+    calls.clear()
+    fp8 = [*argv[:-2], "--parts", "tune", "--tune-variants", "fp8-input,fp16-fp8-input,fp8,fp8"]
+    cli.run_parts(cli.build_parser().parse_args(fp8), {"tune"}, [])
+    assert [c[0] for c in calls] == ["tune", "tune", "make_fp8", "tune", "tune"]  # FP8 weights written once
+    assert calls[0][1]["options"] == {"gemm_input_dtype": "float8_e4m3"} and calls[0][1]["format"] == "awq"
+    assert calls[1][1]["options"] == {"gemm_input_dtype": "float8_e4m3"} and calls[1][1]["format"] == "hf"
+    fp8_dir = str((tmp_path / "w" / "fp8").resolve())
+    assert calls[2][1] == {"dir": str(tmp_path / "fp16"), "fp8_dir": fp8_dir}
+    assert calls[3][1]["format"] == "fp8" and calls[3][1]["dir"] == fp8_dir
 
 
 def test_unknown_part_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -403,6 +403,43 @@ def test_load_turns_systemexit_into_engine_error(tmp_path: Path, monkeypatch: An
     assert info.value.user_message == tm.MSG_LOAD
 
 
+def test_load_passes_cache_generation_and_extra_options_to_lmdeploy(tmp_path: Path, monkeypatch: Any) -> None:
+    """The TurbomindEngineConfig handed to lmdeploy.pipeline carries the app's cache_generation ("all"
+    by default, left out when prefix caching is off) and the bench's extra options; a name that
+    TurbomindEngineConfig lacks is refused before anything loads (pydantic would drop it silently)."""
+    pytest.importorskip("lmdeploy")
+    import lmdeploy
+    import lmdeploy.turbomind
+    import lmdeploy.turbomind.supported_models as sm
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(lmdeploy.turbomind, "is_available", lambda: True)
+    monkeypatch.setattr(sm, "is_supported", lambda *a, **k: True)
+    seen: list[Any] = []
+
+    def capture(path: str, backend_config: Any, log_level: str) -> None:
+        seen.append(backend_config)
+        raise SystemExit(1)  # stop after the config is built
+
+    monkeypatch.setattr(lmdeploy, "pipeline", capture)
+    base = {"model_format": "awq", "session_len": 4096, "cache_max_entry_count": 0.5, "quant_policy": 0,
+            "max_batch_size": 8, "tp": 1, "check_memory": False}
+    for kwargs in ({}, {"cache_generation": "auto", "extra_options": {"gemm_input_dtype": "float8_e4m3"}},
+                   {"enable_prefix_caching": False}):
+        with pytest.raises(EngineError):
+            tm.TurbomindEngine.load(tmp_path, **base, **kwargs)
+    assert [c.cache_generation for c in seen] == ["all", "auto", "auto"]  # the last: LMDeploy's own default
+    assert [c.gemm_input_dtype for c in seen] == [None, "float8_e4m3", None]
+    assert [c.enable_prefix_caching for c in seen] == [True, True, False]
+    with pytest.raises(ValueError, match="gemm_input_dtyp"):
+        tm.TurbomindEngine.load(tmp_path, **base, extra_options={"gemm_input_dtyp": "float16"})
+    with pytest.raises(ValueError, match="gemm_input_dtype"):
+        tm.TurbomindEngine.load(tmp_path, **base, extra_options={"gemm_input_dtype": "int3"})
+    with pytest.raises(ValueError, match="cache_generation"):
+        tm.TurbomindEngine.load(tmp_path, **base, cache_generation="some")
+    assert len(seen) == 3
+
+
 def test_load_missing_model_and_bad_options(tmp_path: Path) -> None:
     with pytest.raises(EngineError) as info:
         tm.TurbomindEngine.load(tmp_path, model_format="awq", session_len=4096, cache_max_entry_count=0.5,

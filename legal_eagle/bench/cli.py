@@ -48,6 +48,11 @@ TUNE_VARIANTS: dict[str, dict[str, Any]] = {
     # preserving) kernel families, 1 the packed ones; unset lets TurboMind pick (the SM90 packed family).
     "pack-plain": {"env": {"TM_GEMM_WEIGHT_PACK": "0"}},
     "pack-forced": {"env": {"TM_GEMM_WEIGHT_PACK": "1"}},
+    # gemm_input_dtype: TurbomindEngineConfig's preferred GEMM input type; float8_e4m3 puts kernel
+    # families with FP8 activations first where one is registered for the weight type.
+    "fp8-input": {"options": {"gemm_input_dtype": "float8_e4m3"}},
+    "fp16-fp8-input": {"format": "hf", "options": {"gemm_input_dtype": "float8_e4m3"}},
+    "fp8": {"format": "fp8"},  # blocked FP8 weights (8-bit, made in WORK_DIR/fp8 when absent)
     "fp16": {"format": "hf"},
     "g64": {"group_size": 64},  # AWQ with 64-wide groups (data-free, made in WORK_DIR/awq-g64 when absent)
     "pytorch-awq": {"backend": "pytorch"},  # LMDeploy's PyTorch engine on the same AWQ checkpoint
@@ -284,18 +289,21 @@ def run_parts(
         }
         step("serve_hf", "serve", fp16_args, 300)
     if "prefix" in parts:
-        for on in (True, False):
+        # the app's settings (cache_generation "all"), LMDeploy's default "auto" (whole answer blocks only), off
+        for key, on, generation in (("prefix_on", True, None), ("prefix_on_auto", True, "auto"),
+                                    ("prefix_off", False, None)):
             prefix_args = {
                 **awq,
                 "max_new_tokens": 16,
                 "enable_prefix_caching": on,
+                "cache_generation": generation,
                 "turns": 10,
                 "question_tokens": 150,
                 "answer_tokens": 250,
                 "conversations": size["conversations"],
                 "own_answers": on,  # also a chat that keeps the engine's own answers (the app's case)
             }
-            step(f"prefix_{'on' if on else 'off'}", "prefix", prefix_args, 300)
+            step(key, "prefix", prefix_args, 300)
     if "kv8g" in parts:
         for qp in size["kv_policies"]:
             for prefill in (int(x) for x in args.kv_prefill.split(",")):
@@ -321,6 +329,11 @@ def run_parts(
             env = {k: v.format(work=work) for k, v in spec.pop("env", {}).items()}
             fmt = spec.pop("format", "awq")
             weights = awq_dir if fmt == "awq" else fp16_dir(model_dir, work)
+            if fmt == "fp8":  # 8-bit weights: written once from the fp16 Llama checkpoint, kept in the work dir
+                weights = work / "fp8"
+                if not (weights / "config.json").is_file():
+                    step("make_fp8", "make_fp8", {"dir": str(fp16_dir(model_dir, work)), "fp8_dir": str(weights)},
+                         300)
             group = spec.pop("group_size", None)
             if group is not None:  # other AWQ weights: made once, kept in the work dir
                 weights = work / f"awq-g{group}"

@@ -109,6 +109,7 @@ def memory_table(results: Mapping[str, Any]) -> str:
                 gb(v.get("peak_bytes")),
                 gb(v.get("serving_peak_bytes")),
                 gb(v.get("torch_reserved_bytes")),
+                gb(v.get("cuda_context_bytes")),
                 v.get("memory_source", "?"),
                 fmt(v.get("load_s")),
             )
@@ -125,6 +126,7 @@ def memory_table(results: Mapping[str, Any]) -> str:
             "peak (load included)",
             "peak serving (torch cache released)",
             "torch cache",
+            "CUDA context",
             "measured by",
             "load s",
         ),
@@ -185,7 +187,7 @@ def tune_table(results: Mapping[str, Any]) -> str:
             v.get("model_format"),
             v.get("max_batch_size"),
             v.get("quant_policy"),
-            " ".join(f"{k}={val}" for k, val in (v.get("env") or {}).items()) or "-",
+            " ".join(f"{k}={val}" for k, val in {**(v.get("env") or {}), **(v.get("options") or {})}.items()) or "-",
             fmt(v.get("decode_tok_s")),
             fmt(v.get("ttft_ms"), 0),
             fmt(v.get("load_s")),
@@ -194,7 +196,7 @@ def tune_table(results: Mapping[str, Any]) -> str:
         for v in dig(results, "tune", "variants") or []
     ]
     return format_table(
-        ("variant", "engine", "weights", "max batch", "KV quant", "env", "decode tok/s", "TTFT ms", "load s",
+        ("variant", "engine", "weights", "max batch", "KV quant", "env / options", "decode tok/s", "TTFT ms", "load s",
          "error"),
         rows,
     )

@@ -116,6 +116,13 @@ def part_quick_awq(args: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def part_make_fp8(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Blocked FP8 weights of the fp16 Llama checkpoint ``args['dir']`` in ``args['fp8_dir']`` (target 6)."""
+    from legal_eagle.bench.fp8 import write_fp8_checkpoint
+
+    return write_fp8_checkpoint(Path(args["dir"]), Path(args["fp8_dir"]))
+
+
 def _first_token(engine: Any) -> float:
     """Seconds to the first token of a first question (the answer then runs to 32 tokens)."""
     from legal_eagle.bench.load import build_messages, engine_request

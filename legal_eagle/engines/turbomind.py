@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from legal_eagle import metrics
 from legal_eagle.chat_template import render_ids, stop_token_ids
+from legal_eagle.config import CACHE_GENERATION
 from legal_eagle.engines.base import Chunk, EngineInfo, FinishReason, Message, SamplingParams
 from legal_eagle.errors import EngineError, GpuMemoryError
 
@@ -121,11 +123,15 @@ def require_turbomind() -> None:
         raise EngineError(MSG_UNAVAILABLE, f"TurboMind unavailable: {turbomind._import_error}")
 
 
+
+
 def _validate(model_format: str, session_len: int, cache_max_entry_count: float, quant_policy: int,
-              max_batch_size: int, tp: int) -> None:
+              max_batch_size: int, tp: int, cache_generation: str = "all") -> None:
     """ValueError with the allowed range for a bad engine option."""
-    if model_format not in ("awq", "hf"):
-        raise ValueError(f"model_format must be 'awq' or 'hf', got {model_format!r}")
+    if model_format not in ("awq", "hf", "fp8"):
+        raise ValueError(f"model_format must be 'awq', 'hf' or 'fp8', got {model_format!r}")
+    if cache_generation not in CACHE_GENERATION:
+        raise ValueError(f"cache_generation must be one of {CACHE_GENERATION}, got {cache_generation!r}")
     if not 256 <= session_len <= 1_048_576:
         raise ValueError(f"session_len must be in [256, 1048576], got {session_len}")
     if not 0.0 < cache_max_entry_count <= 1.0:
@@ -198,7 +204,9 @@ def check_free_memory(model_dir: Path, tp: int) -> None:
 
 
 def _quantization_label(model_dir: Path, model_format: str, dtype: str) -> str:
-    """Human-readable weight format: 'AWQ W4A16 g128' or 'fp16'/'bf16'."""
+    """Human-readable weight format: 'AWQ W4A16 g128', 'FP8 W8A16 (128x128 blocks)' or 'fp16'/'bf16'."""
+    if model_format == "fp8":
+        return "FP8 W8A16 (128x128 blocks)"
     if model_format == "awq":
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
         quant = config.get("quantization_config", {})
@@ -268,15 +276,17 @@ class TurbomindEngine:
         self._closed = False
 
     @classmethod
-    def load(cls, model_dir: Path, *, model_format: Literal["awq", "hf"], session_len: int,
+    def load(cls, model_dir: Path, *, model_format: Literal["awq", "hf", "fp8"], session_len: int,
              cache_max_entry_count: float, quant_policy: Literal[0, 4, 8], max_batch_size: int, tp: int,
-             enable_prefix_caching: bool = True, name: str = "turbomind", log_level: str = "WARNING",
-             check_memory: bool = True) -> TurbomindEngine:
+             enable_prefix_caching: bool = True, cache_generation: str = "all", name: str = "turbomind",
+             log_level: str = "WARNING", check_memory: bool = True,
+             extra_options: Mapping[str, Any] | None = None) -> TurbomindEngine:
         """Load a checkpoint into TurboMind in this process.
 
         Args:
             model_dir: folder with config.json, safetensors weights and tokenizer.
-            model_format: "hf" (fp16/bf16 weights) or "awq" (4-bit, quantization_config in config.json).
+            model_format: "hf" (fp16/bf16 weights), "awq" (4-bit, quantization_config in config.json)
+                or "fp8" (blocked FP8 weights; a benchmark experiment, not an app setting).
             session_len: context window in tokens (prompt + answer).
             cache_max_entry_count: share of the GPU memory left free after the weights that the
                 KV cache takes, in (0, 1].
@@ -284,10 +294,15 @@ class TurbomindEngine:
             max_batch_size: answers generated at once; more wait for a free slot.
             tp: tensor-parallel GPUs.
             enable_prefix_caching: reuse the KV cache of a shared prompt prefix (multi-turn chats).
+            cache_generation: which generated blocks the prefix cache indexes: "all" (also the last,
+                partly filled block: the next turn re-reads only its new question), "auto" (whole
+                blocks only, LMDeploy's default) or "none".
             name: label shown in the UI.
             log_level: LMDeploy's log level.
             check_memory: refuse to load (GpuMemoryError) when NVML shows too little free memory
                 for the weights, or for a KV cache of one whole ``session_len``.
+            extra_options: more ``TurbomindEngineConfig`` fields (benchmark experiments, e.g.
+                ``gemm_input_dtype``); an unknown name is a ValueError.
 
         Returns:
             The ready engine.
@@ -297,7 +312,8 @@ class TurbomindEngine:
             EngineError: TurboMind is unavailable here, the model is missing or unsupported, or
                 loading failed (GpuMemoryError when free GPU memory is too small).
         """
-        _validate(model_format, session_len, cache_max_entry_count, quant_policy, max_batch_size, tp)
+        _validate(model_format, session_len, cache_max_entry_count, quant_policy, max_batch_size, tp,
+                  cache_generation)
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise EngineError(MSG_MISSING, f"no config.json in {model_dir}")
@@ -311,10 +327,20 @@ class TurbomindEngine:
             check_kv_room(model_dir, session_len, cache_max_entry_count, quant_policy, tp)
         from lmdeploy import TurbomindEngineConfig, pipeline
 
-        config = TurbomindEngineConfig(model_format=model_format, session_len=session_len,
-                                       cache_max_entry_count=cache_max_entry_count, quant_policy=quant_policy,
-                                       max_batch_size=max_batch_size, tp=tp,
-                                       enable_prefix_caching=enable_prefix_caching)
+        options: dict[str, Any] = {"model_format": model_format, "session_len": session_len,
+                                   "cache_max_entry_count": cache_max_entry_count, "quant_policy": quant_policy,
+                                   "max_batch_size": max_batch_size, "tp": tp,
+                                   "enable_prefix_caching": enable_prefix_caching}
+        if enable_prefix_caching:  # LMDeploy requires prefix caching for cache_generation
+            options["cache_generation"] = cache_generation
+        unknown = set(extra_options or {}) - {f.name for f in dataclasses.fields(TurbomindEngineConfig)}
+        if unknown:  # TurbomindEngineConfig would drop them without a word
+            raise ValueError(f"TurbomindEngineConfig has no option {sorted(unknown)}")
+        options.update(extra_options or {})
+        try:
+            config = TurbomindEngineConfig(**options)
+        except (TypeError, ValueError, AssertionError) as exc:  # pydantic's ValidationError is a ValueError
+            raise ValueError(f"bad TurboMind option in {sorted(extra_options or {})}: {exc}") from exc
         baseline = metrics.gpu_used_total()
         start = time.perf_counter()
         try:
@@ -334,6 +360,7 @@ class TurbomindEngine:
             quantization=_quantization_label(model_dir, model_format, dtype), context_len=session_len,
             extra={"kv_cache": _KV_LABELS[int(quant_policy)], "cache_max_entry_count": cache_max_entry_count,
                    "max_batch_size": max_batch_size, "tp": tp, "enable_prefix_caching": enable_prefix_caching,
+                   "cache_generation": options.get("cache_generation", "none"), **dict(extra_options or {}),
                    "devices": list(getattr(backend, "devices", None) or range(tp)), "dtype": dtype,
                    "load_s": round(load_s, 2)},
         )
