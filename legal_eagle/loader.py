@@ -213,4 +213,5 @@ def comparison_provider(settings: Settings, service: ModelService, checkpoints: 
 def _display_name(settings: Settings, model_format: str) -> str:
     """A short model label for the page: the model id's last part plus the format."""
     base = Path(settings.model_path.rstrip("/")).name or settings.model_path
-    return f"{base} ({'4-bit AWQ' if model_format == 'awq' else 'fp16'})"
+    label = {"awq": "4-bit AWQ", "fp8": "8-bit FP8"}.get(model_format, "fp16")
+    return f"{base} ({label})"

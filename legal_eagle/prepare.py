@@ -1,6 +1,7 @@
 """One call for the app: find or download the checkpoint, convert it to Llama, quantize it once.
 
     source ─▶ weights.resolve_model ─▶ convert (InternLM2 → Llama, cached) ─▶ quantize (AWQ, cached)
+                                                                      └──▶ FP8 blocks (--model-format fp8, cached)
 
 Derived checkpoints live under ``cache_dir``, named after the source and a hash of it, each
 written into a temp dir and renamed into place under a file lock, so several processes
@@ -15,6 +16,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,13 +24,15 @@ from typing import Any, Literal
 from legal_eagle.calibration import CalibrationSpec
 from legal_eagle.convert import CONVERSION_MARKER, convert_checkpoint, model_arch, read_config
 from legal_eagle.errors import ModelPreparationError
+from legal_eagle.fp8 import FP8_MARKER, capability_problem, cuda_capability, write_fp8_checkpoint
 from legal_eagle.quantize import ProgressFn, Quantizer, QuantRequest, file_lock, quantize_model
 from legal_eagle.sanity import SanityCheck
 from legal_eagle.weights import Downloader, Probe, checkpoint_problems, fingerprint, resolve_model
 
 logger = logging.getLogger(__name__)
 
-ModelFormat = Literal["awq", "hf"]
+ModelFormat = Literal["awq", "hf", "fp8"]
+Fp8Writer = Callable[..., dict[str, Any]]  # (src, out, marker=...) -> what was written
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,11 @@ class PreparedModel:
     """What the engine loads.
 
     Attributes:
-        path_for_engine: the directory to hand to TurboMind (4-bit for "awq", fp16 for "hf").
+        path_for_engine: the directory to hand to TurboMind (4-bit for "awq", fp16 for "hf", 8-bit for "fp8").
         fp16_path: the fp16 Llama-layout checkpoint (for the transformers engine or a comparison).
-        model_format: "awq" or "hf", as TurboMindEngineConfig(model_format=...) wants it.
-        manifest: the quantization manifest ({} for "hf" or a checkpoint that came quantized).
+        model_format: "awq", "hf" or "fp8", as TurboMindEngineConfig(model_format=...) wants it.
+        manifest: the quantization manifest ({} for "hf" or a checkpoint that came quantized; the
+            FP8 copy's marker for "fp8").
         source_path: the downloaded or given checkpoint directory.
     """
 
@@ -111,6 +116,39 @@ def llama_checkpoint(src: Path, cache_dir: Path, on_progress: ProgressFn, lock_t
     return dst
 
 
+def fp8_checkpoint(fp16: Path, cache_dir: Path, on_progress: ProgressFn, lock_timeout: float,
+                   writer: Fp8Writer = write_fp8_checkpoint) -> tuple[Path, dict[str, Any]]:
+    """The cached (or fresh) blocked-FP8 copy of the Llama-layout ``fp16`` checkpoint, and its marker."""
+    dst = cache_dir / f"{_slug(fp16)}-fp8"
+    want = fingerprint(fp16)
+
+    def ready() -> dict[str, Any] | None:
+        try:
+            marker = json.loads((dst / FP8_MARKER).read_text())
+        except (OSError, ValueError):
+            return None
+        return marker if marker.get("source_fingerprint") == want and not checkpoint_problems(dst) else None
+
+    if (marker := ready()) is not None:
+        return dst, marker
+    with file_lock(cache_dir / f".{dst.name}.lock", timeout=lock_timeout, on_progress=on_progress, what="FP8 转换"):
+        if (marker := ready()) is not None:
+            return dst, marker
+        for left in cache_dir.glob(f".{dst.name}.tmp-*"):  # a killed run's leftovers
+            shutil.rmtree(left, ignore_errors=True)
+        start = time.monotonic()
+        on_progress("quantize", None, "首次启动：把 fp16 权重按 128×128 分块转换为 FP8（8 比特）……")
+        try:
+            writer(fp16, dst, marker={"source_fingerprint": want})
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelPreparationError(f"转换为 FP8 权重失败：{exc}", repr(exc)) from exc
+        logger.info("wrote FP8 weights of %s in %.1fs", fp16, time.monotonic() - start)
+    marker = ready()
+    if marker is None:
+        raise ModelPreparationError("FP8 权重写入后检查未通过，请删除缓存目录后重启。", f"{dst} incomplete")
+    return dst, marker
+
+
 def prepare_model(
     source: str,
     *,
@@ -126,13 +164,16 @@ def prepare_model(
     quantizer: Quantizer | None = None,
     sanity_check: SanityCheck | None = None,
     lock_timeout: float = 4 * 3600.0,
+    fp8_writer: Fp8Writer = write_fp8_checkpoint,
+    gpu_capability: Callable[[], tuple[tuple[int, int] | None, str]] = cuda_capability,
 ) -> PreparedModel:
     """Make ``source`` ready for an engine (download, conversion and quantization are each done once).
 
     Args:
         source: a local checkpoint directory or a ModelScope model id.
         cache_dir: where converted and quantized checkpoints are kept.
-        model_format: "awq" (4-bit, quantized on first start) or "hf" (fp16).
+        model_format: "awq" (4-bit, quantized on first start), "hf" (fp16) or "fp8" (8-bit FP8
+            blocks, written on first start; needs a GPU of compute capability 8.9 or more).
         revision: ModelScope revision.
         download_dir: ModelScope cache; None lets modelscope choose (it honours MODELSCOPE_CACHE).
         calib: AWQ calibration data; default: the shipped Chinese legal Q&A.
@@ -141,6 +182,7 @@ def prepare_model(
         downloader, probe: injected into ``weights.resolve_model`` (tests pass fakes).
         quantizer, sanity_check: injected into ``quantize.quantize_model``.
         lock_timeout: seconds to wait for another process doing the same conversion or quantization.
+        fp8_writer, gpu_capability: how "fp8" writes its copy and reads the GPU (tests pass fakes).
 
     Returns:
         The directories to load and, for "awq", the quantization manifest.
@@ -148,20 +190,25 @@ def prepare_model(
     Raises:
         OfflineError, ModelPreparationError, QuantizationError: with a Chinese ``user_message``.
     """
-    if model_format not in ("awq", "hf"):
-        raise ValueError(f"model_format must be 'awq' or 'hf', not {model_format!r}")
+    if model_format not in ("awq", "hf", "fp8"):
+        raise ValueError(f"model_format must be 'awq', 'hf' or 'fp8', not {model_format!r}")
+    if model_format == "fp8" and (problem := capability_problem(*gpu_capability())) is not None:
+        raise ModelPreparationError(problem, "FP8 weights need compute capability 8.9+")  # before any download
     progress = on_progress or _log_progress
     cache_dir = Path(cache_dir).expanduser()
     src = resolve_model(source, revision=revision, cache_dir=download_dir, on_progress=progress,
                         downloader=downloader, probe=probe)
     if is_awq_checkpoint(src):
-        if model_format == "hf":
-            raise ModelPreparationError("给定的模型已经是 AWQ 4 比特格式，不能以 fp16（hf）格式运行。",
-                                        f"{src} is AWQ but model_format=hf")
+        if model_format != "awq":
+            raise ModelPreparationError(f"给定的模型已经是 AWQ 4 比特格式，不能以 {model_format} 格式运行。",
+                                        f"{src} is AWQ but model_format={model_format}")
         return PreparedModel(src, src, "awq", {}, src)
     fp16 = llama_checkpoint(src, cache_dir, progress, lock_timeout)
     if model_format == "hf":
         return PreparedModel(fp16, fp16, "hf", {}, src)
+    if model_format == "fp8":
+        path, marker = fp8_checkpoint(fp16, cache_dir, progress, lock_timeout, fp8_writer)
+        return PreparedModel(path, fp16, "fp8", marker, src)
     request = QuantRequest(fp16, calib=calib or CalibrationSpec(), min_agreement=min_agreement,
                            source_id=None if Path(source).expanduser().is_dir() else source, revision=revision)
     out = cache_dir / f"{_slug(src)}-awq-w{request.bits}g{request.group_size}"

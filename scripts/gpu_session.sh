@@ -40,6 +40,8 @@
 #                                    # fp16), blocked FP8 weights, TM_GEMM_WEIGHT_PACK=0/1, against AWQ and fp16
 #   bash scripts/gpu_session.sh s10  # after s9 on the same machine: prefix (cache_generation all/auto/off), kv8g
 #                                    # (int4 KV, prefill 1024/512/256, the CUDA context's share), then serve
+#   bash scripts/gpu_session.sh s12  # python app.py --model-format fp8: first start (convert, FP8 copy, load, chat),
+#                                    # second start (reuses the copy), on a random 7B InternLM2 "download"
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -191,5 +193,8 @@ s10) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir 
    left=$((${LE_LIMIT:-575} - SECONDS))   # the app under load with cache_generation "all" (its new default)
    [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
      --work-dir $B --parts serve --quick --json "$L/bench_serve.json" 2>&1 | tee "$L/bench_serve.log" | tail -40 ;;
+s12) timeout $((${LE_LIMIT:-575} - 10)) python3 scripts/gpu_first_start.py --work /root/le-fp8 --out "$FS" \
+     --extra "--model-format fp8" --no-compare --limit 400 2>&1 | tee "$L/first_start_fp8.log" | tail -12
+   cp -r "$FS" "$L/"; tail -5 "$FS"/app_first.log ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

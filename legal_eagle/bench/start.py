@@ -118,7 +118,7 @@ def part_quick_awq(args: Mapping[str, Any]) -> dict[str, Any]:
 
 def part_make_fp8(args: Mapping[str, Any]) -> dict[str, Any]:
     """Blocked FP8 weights of the fp16 Llama checkpoint ``args['dir']`` in ``args['fp8_dir']`` (target 6)."""
-    from legal_eagle.bench.fp8 import write_fp8_checkpoint
+    from legal_eagle.fp8 import write_fp8_checkpoint
 
     return write_fp8_checkpoint(Path(args["dir"]), Path(args["fp8_dir"]))
 

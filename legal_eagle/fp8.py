@@ -1,13 +1,13 @@
-"""Blocked FP8 weights (LMDeploy's ``model_format="fp8"``) for the bench's target-6 experiment.
+"""Blocked FP8 weights (LMDeploy's ``model_format="fp8"``): ``--model-format fp8`` and the bench.
 
 TurboMind 0.18 reads FP8 checkpoints in the layout of DeepSeek-V3 / Qwen3-FP8: every linear
 weight of the decoder layers as ``float8_e4m3fn`` with a ``weight_scale_inv`` per 128 x 128 block
 (the multiplier back to the real value) and ``quantization_config = {"quant_method": "fp8",
 "weight_block_size": [128, 128]}``; embeddings, norms and the output head stay fp16. LMDeploy has
-no tool that writes this format, so the bench writes it here (round to nearest per block, no
-calibration: the kernels and bytes are those of any such checkpoint; only the scales differ).
-It is an 8-bit format, not the app's 4-bit one: the experiment asks whether any LMDeploy weight
-format decodes faster than fp16 at batch 1 on the GPU at hand.
+no tool that writes this format, so it is written here: round to nearest per block, no
+calibration (8-bit floats with a scale per 128 x 128 block keep about 3 % relative error per
+weight). On an H100 it decodes faster than fp16 at one user (docs/benchmarks.md); it needs a GPU
+with FP8 support (compute capability 8.9 or more: Ada, Hopper), which an A10 or A100 is not.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Any
 
 from legal_eagle.convert import _iter_shard, weight_shards
 
+MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) and later
+FP8_MARKER = "legal_eagle_fp8.json"  # written last: its source fingerprint says which fp16 copy this is
 BLOCK = 128
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 LINEAR_SUFFIXES = (
@@ -52,10 +54,36 @@ def quantize_block_fp8(weight: Any, block: int = BLOCK) -> tuple[Any, Any]:
     return q.contiguous(), scales.contiguous()
 
 
-def write_fp8_checkpoint(src: Path, out: Path, *, device: str = "cuda") -> dict[str, Any]:
+def capability_problem(capability: tuple[int, int] | None, gpu_name: str = "") -> str | None:
+    """Why this GPU cannot run FP8 weights (Chinese, for the start page), or None when it can."""
+    if capability is None:
+        return "FP8 权重需要 NVIDIA GPU，这台机器上没有可用的 GPU。请改用 --model-format awq 或 hf。"
+    if tuple(capability) < MIN_CAPABILITY:
+        name = f"{gpu_name}，" if gpu_name else ""
+        return (f"这块显卡（{name}计算能力 {capability[0]}.{capability[1]}）不支持 FP8 权重："
+                "FP8 需要计算能力 8.9 及以上的显卡（如 L4、L40、RTX 4090、H100）。"
+                "A10、A100 请改用 --model-format awq（4 比特，默认）或 hf（fp16）。")
+    return None
+
+
+def cuda_capability() -> tuple[tuple[int, int] | None, str]:
+    """(compute capability, name) of GPU 0 as torch sees it; (None, "") without a usable GPU."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None, ""
+        return tuple(torch.cuda.get_device_capability(0)), torch.cuda.get_device_name(0)  # type: ignore[return-value]
+    except Exception:  # no torch, no driver: the same answer for the user
+        return None, ""
+
+
+def write_fp8_checkpoint(src: Path, out: Path, *, device: str = "cuda",
+                         marker: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``src`` (a Llama-layout fp16 checkpoint) as blocked FP8 to ``out``; a dict of what was done.
 
-    ``out`` appears by one rename when complete (a killed run leaves only a ``.out.tmp-*`` folder).
+    ``out`` appears by one rename when complete (a killed run leaves only a ``.out.tmp-*`` folder);
+    ``marker`` (e.g. the source's fingerprint) goes into its ``legal_eagle_fp8.json``.
     """
     import torch
     from safetensors.torch import save_file
@@ -91,8 +119,10 @@ def write_fp8_checkpoint(src: Path, out: Path, *, device: str = "cuda") -> dict[
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         for item in src.iterdir():  # tokenizer, generation config, chat template
             if item.is_file() and not item.name.endswith((".safetensors", ".bin")) and item.name not in (
-                    "config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"):
+                    "config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", FP8_MARKER):
                 shutil.copyfile(item, tmp / item.name)
+        info = {"source": str(src.resolve()), "quantized_linears": quantized, "block": BLOCK, **(marker or {})}
+        (tmp / FP8_MARKER).write_text(json.dumps(info, indent=2), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
