@@ -194,7 +194,7 @@ s10) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir 
    [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
      --work-dir $B --parts serve --quick --json "$L/bench_serve.json" 2>&1 | tee "$L/bench_serve.log" | tail -40 ;;
 s12) timeout $((${LE_LIMIT:-575} - 10)) python3 scripts/gpu_first_start.py --work /root/le-fp8 --out "$FS" \
-     --extra "--model-format fp8" --no-compare --limit 400 2>&1 | tee "$L/first_start_fp8.log" | tail -12
+     --extra "--model-format fp8" --no-compare --limit 280 2>&1 | tee "$L/first_start_fp8.log" | tail -12
    cp -r "$FS" "$L/"; tail -5 "$FS"/app_first.log ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

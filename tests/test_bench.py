@@ -107,6 +107,10 @@ def test_target_3_is_judged_on_the_chat_with_the_engines_own_answers_when_the_ru
     assert {t.number: t for t in evaluate_targets(results)}[3].verdict == "FAIL"
     table = markdown.prefix_table(results)
     assert "own answers: prompt tokens" in table and "| 3,904 " in table
+    results["prefix_on_auto"] = {"own_turns": [{"turn": 1, "ttft_ms": 20.0}, {"turn": 10, "ttft_ms": 32.0}]}
+    target = {t.number: t for t in evaluate_targets(results)}[3]
+    assert "cache_generation auto (LMDeploy's default): turn 1 20 ms, last 32 ms (1.60 x)" in target.measured
+    assert target.ratio == pytest.approx(30.1 / 20)  # judged on the app's own setting, not the comparison
 
 
 @pytest.mark.parametrize(

@@ -195,6 +195,10 @@ def _target_prefix(r: Mapping[str, Any]) -> Target:
             f"cached); {measured}"
         )
         ratio = _ratio(own_last, own_first)
+        auto_first, auto_last = ends("prefix_on_auto", "own_turns")
+        if auto_first is not None:  # the same chat with LMDeploy's default (whole answer blocks cached)
+            measured += (f"; cache_generation auto (LMDeploy's default): turn 1 {fmt(auto_first, 0)} ms, last "
+                         f"{fmt(auto_last, 0)} ms ({fmt(_ratio(auto_last, auto_first), 2)} x)")
     return Target(
         3,
         "10-turn chat TTFT (prefix caching on)",
