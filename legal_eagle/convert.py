@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +276,22 @@ def convert_tokenizer(src: Path, dst: Path) -> None:
     (dst / "tokenizer_config.json").write_text(json.dumps(out, ensure_ascii=False, indent=2))
 
 
+@contextmanager
+def staged_dir(dst: Path) -> Iterator[Path]:
+    """A temp sibling of ``dst`` to write a checkpoint into; renamed to ``dst`` (replacing it) when the
+    block ends, removed when it raises: a killed or failed write never leaves a half ``dst``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def convert_checkpoint(src: Path, dst: Path, *, on_progress: ProgressFn | None = None,
                        marker: dict[str, Any] | None = None) -> Path:
     """Convert an InternLM2 checkpoint directory into a Llama one, published atomically.
@@ -296,9 +313,7 @@ def convert_checkpoint(src: Path, dst: Path, *, on_progress: ProgressFn | None =
     if model_arch(src) != "internlm2":
         raise ValueError(f"{src} is not an InternLM2 checkpoint (architecture {model_arch(src)})")
     cfg = read_config(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with staged_dir(dst) as tmp:
         (tmp / "config.json").write_text(json.dumps(llama_config(cfg), indent=2))
         for name in _COPIED_FILES:
             if (src / name).is_file():
@@ -307,11 +322,5 @@ def convert_checkpoint(src: Path, dst: Path, *, on_progress: ProgressFn | None =
         _convert_weights(src, tmp, cfg, progress)
         info = {"source": str(src.resolve()), "from": "internlm2", **(marker or {})}
         (tmp / CONVERSION_MARKER).write_text(json.dumps(info, indent=2))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("converted InternLM2 checkpoint %s to Llama layout at %s", src, dst)
     return dst

@@ -13,14 +13,12 @@ with FP8 support (compute capability 8.9 or more: Ada, Hopper), which an A10 or 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from legal_eagle.convert import _iter_shard, weight_shards
+from legal_eagle.convert import _iter_shard, staged_dir, weight_shards
 
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) and later
 FP8_MARKER = "legal_eagle_fp8.json"  # written last: its source fingerprint says which fp16 copy this is
@@ -93,11 +91,9 @@ def write_fp8_checkpoint(src: Path, out: Path, *, device: str = "cuda",
     if not shards:
         raise ValueError(f"{src} has no safetensors weights")
     start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     quantized = 0
     weight_map: dict[str, str] = {}
-    try:
+    with staged_dir(out) as tmp:
         for k, shard in enumerate(shards):
             tensors: dict[str, Any] = {}
             for name, tensor in _iter_shard(shard):
@@ -123,12 +119,6 @@ def write_fp8_checkpoint(src: Path, out: Path, *, device: str = "cuda",
                 shutil.copyfile(item, tmp / item.name)
         info = {"source": str(src.resolve()), "quantized_linears": quantized, "block": BLOCK, **(marker or {})}
         (tmp / FP8_MARKER).write_text(json.dumps(info, indent=2), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"fp8_dir": str(out), "quantized_linears": quantized, "seconds": time.perf_counter() - start}

@@ -123,3 +123,18 @@ def test_prepare_fp8_refuses_a_gpu_without_fp8_in_chinese_before_any_work(tmp_pa
                           gpu_capability=lambda gpu=gpu: gpu, downloader=never, probe=never)
         assert words in info.value.user_message and "--model-format awq" in info.value.user_message
     assert not list(tmp_path.iterdir())  # nothing downloaded or written
+
+
+def test_a_write_that_fails_midway_leaves_neither_the_copy_nor_its_temp_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    src = build_tiny_checkpoint(tmp_path / "llama", arch="llama", hidden_size=128, intermediate_size=256)
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_fp8_checkpoint(src, tmp_path / "fp8", device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
