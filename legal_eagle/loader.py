@@ -205,7 +205,10 @@ def comparison_provider(settings: Settings, service: ModelService, checkpoints: 
                         "没有 4-bit 模型可比。聊天功能不受影响。",
         "remote": "远程推理模式（--backend remote）下本进程不加载模型，无法对比；"
                   "请在推理服务所在的 GPU 机器上运行对比。",
-        "turbomind": "当前以 fp16 运行（--model-format hf），没有 4-bit 模型可比；用 --model-format awq 启动即可对比。",
+        "turbomind": {"fp8": "当前以 8 比特 FP8 权重运行（--model-format fp8），没有 4-bit 模型可比；"
+                             "用 --model-format awq 启动即可对比 fp16 与 4-bit。聊天功能不受影响。"}.get(
+            settings.model_format,
+            "当前以 fp16 运行（--model-format hf），没有 4-bit 模型可比；用 --model-format awq 启动即可对比。"),
     }
     return UnavailableProvider(reasons[backend])
 

@@ -138,3 +138,13 @@ def test_a_write_that_fails_midway_leaves_neither_the_copy_nor_its_temp_folder(
     with pytest.raises(OSError, match="No space"):
         write_fp8_checkpoint(src, tmp_path / "fp8", device="cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
+
+
+def test_compare_tab_says_why_it_has_nothing_to_compare_with_an_fp8_chat_model() -> None:
+    from legal_eagle.config import Settings
+    from legal_eagle.loader import Checkpoints, comparison_provider
+
+    for fmt, words in (("fp8", "FP8 权重运行（--model-format fp8）"), ("hf", "当前以 fp16 运行")):
+        settings = Settings(backend="turbomind", model_format=fmt)
+        plan = comparison_provider(settings, None, Checkpoints()).plan  # type: ignore[arg-type]
+        assert plan.mode == "unavailable" and words in plan.reason and "--model-format awq" in plan.reason
