@@ -42,6 +42,10 @@
 #                                    # (int4 KV, prefill 1024/512/256, the CUDA context's share), then serve
 #   bash scripts/gpu_session.sh s12  # python app.py --model-format fp8: first start (convert, FP8 copy, load, chat),
 #                                    # second start (reuses the copy), on a random 7B InternLM2 "download"
+#   bash scripts/gpu_session.sh s13  # random 7B checkpoints, then target 4's memory variants (GEMM tuning file
+#                                    # exported / imported, default pool trimmed, 512-byte CUDA stack, all three)
+#   bash scripts/gpu_session.sh s14  # the engine tests (lean_memory load), random 7B checkpoints, target 4's
+#                                    # variants at prefill 256 and 1024 (plain, app-lean, export, lean), serve --quick
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -196,5 +200,22 @@ s10) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir 
 s12) timeout $((${LE_LIMIT:-575} - 10)) python3 scripts/gpu_first_start.py --work /root/le-fp8 --out "$FS" \
      --extra "--model-format fp8" --no-compare --limit 280 2>&1 | tee "$L/first_start_fp8.log" | tail -12
    cp -r "$FS" "$L/"; tail -5 "$FS"/app_first.log ;;
+s13) timeout 240 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
+     --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1; tail -3 "$L/bench_make.log"
+   left=$((${LE_LIMIT:-575} - SECONDS))   # target 4: GEMM tuning file (no warm-up), pool trim, CUDA stack
+   [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
+     --work-dir $B --parts kv8g --quick --kv-policies 4 --kv-prefill 256 --kv-variants export,import,trim,stack512,lean \
+     --json "$L/bench_kv8g.json" 2>&1 | tee "$L/bench_kv8g.log" | grep -E "^\| 4 |kv8g|error|budget|Warm" | tail -20 ;;
+s14) timeout 90 python3 -m pytest -q -rs -m gpu tests/gpu/test_turbomind_engine.py -p no:cacheprovider 2>&1 \
+     | tee "$L/pytest_gpu.log" | tail -4   # the engine's lean_memory load on the GPU (stack limit, pool trim)
+   timeout 240 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
+     --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1; tail -3 "$L/bench_make.log"
+   timeout 200 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir $B --parts kv8g --quick \
+     --kv-policies 4 --kv-prefill 256,1024 --kv-variants plain,app-lean,export,lean --json "$L/bench_kv8g.json" 2>&1 \
+     | tee "$L/bench_kv8g.log" | grep -E "^\| 4 |error" | tail -4
+   left=$((${LE_LIMIT:-575} - SECONDS))   # the app under load with the lean-memory engine
+   [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
+     --work-dir $B --parts serve --quick --json "$L/bench_serve.json" 2>&1 | tee "$L/bench_serve.log" \
+     | grep -E "^\| [12] " ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -572,3 +572,23 @@ def test_kv8g_variants_over_kv_policies_and_prefill_sizes(tmp_path: Path, monkey
     assert list(results) == ["kv8g_q8", "kv8g_q8_p1024", "kv8g_q4", "kv8g_q4_p1024"]
     assert [(c[1]["quant_policy"], c[1]["max_prefill_token_num"]) for c in calls] == [
         (8, 4096), (8, 1024), (4, 4096), (4, 1024)]
+
+
+def test_kv8g_memory_variants_pass_their_env_and_knobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, dict[str, Any], Any]] = []
+    monkeypatch.setattr(cli, "run_child",
+                        lambda part, args, *, timeout_s, env=None: calls.append((part, args, env)) or {})
+    (tmp_path / "w" / "awq").mkdir(parents=True)
+    (tmp_path / "w" / "awq" / "config.json").write_text("{}")
+    argv = ["--model-dir", str(tmp_path / "m"), "--work-dir", str(tmp_path / "w"), "--parts", "kv8g",
+            "--kv-policies", "4", "--kv-prefill", "256", "--kv-variants", "plain,export,lean"]
+    results = cli.run_parts(cli.build_parser().parse_args(argv), {"kv8g"}, [])
+    assert list(results) == ["kv8g_q4_p256", "kv8g_q4_p256_export", "kv8g_q4_p256_lean"]
+    plain, export, lean = calls
+    assert plain[2] is None and "env" not in plain[1] and "trim_pools" not in plain[1]
+    cache = str((tmp_path / "w").resolve() / "gemm-kv8g.cache")
+    assert export[2]["TM_GEMM_EXPORT"] == cache and export[1]["env"] == export[2]
+    assert lean[2] == {"TM_GEMM_IMPORT": cache}
+    assert lean[1]["trim_pools"] is True and lean[1]["stack_limit"] == 512
+    with pytest.raises(KeyError):
+        cli.run_parts(cli.build_parser().parse_args(argv[:-1] + ["nonsense"]), {"kv8g"}, [])

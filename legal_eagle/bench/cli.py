@@ -31,6 +31,20 @@ DEFAULT_PARTS = "cold,serve,fp16,prefix,kv8g,warm"
 # TM_GEMM_TUNE keys (TurboMind's gemm tuner): max_splits, max_waves, top_k (0: every kernel), clusters,
 # min_iter, max_iter, max_time; TM_GEMM_EXPORT/IMPORT write/read the tuned dispatch cache.
 _FULL_SEARCH = "top_k=0,clusters=0,min_iter=2,max_iter=10,max_time=0.5"
+# Target 4 (8 chats x 4k in 8 GiB): what else than the KV format and the prefill size moves TurboMind's memory.
+# "{work}" is the bench's work dir. TurboMind keeps GEMM tuning in a file with TM_GEMM_EXPORT and skips its warm-up
+# (tuning runs, an L2-flush buffer, the kernels it tries) when it reads one with TM_GEMM_IMPORT; "trim" hands the
+# free part of the device's default memory pool back after the load (the weights' repacking temporaries);
+# "stack512" lowers the per-thread CUDA stack (local memory is reserved as stack x resident threads) before it.
+KV_VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "export": {"env": {"TM_GEMM_EXPORT": "{work}/gemm-kv8g.cache", "TM_LOG_LEVEL": "INFO"}},
+    "import": {"env": {"TM_GEMM_IMPORT": "{work}/gemm-kv8g.cache"}},
+    "trim": {"trim_pools": True},
+    "stack512": {"stack_limit": 512},
+    "app-lean": {"trim_pools": True, "stack_limit": 512},  # what TurbomindEngine.load does (lean_memory)
+    "lean": {"env": {"TM_GEMM_IMPORT": "{work}/gemm-kv8g.cache"}, "trim_pools": True, "stack_limit": 512},
+}
 TUNE_VARIANTS: dict[str, dict[str, Any]] = {
     "app-default": {},
     "mbs1": {"max_batch_size": 1},
@@ -111,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(KV8G_PREFILL),
         help="TurboMind max_prefill_token_num values tried for 8 chats x 4k (its buffers scale with it) "
         f"[default: {KV8G_PREFILL}]",
+    )
+    p.add_argument(
+        "--kv-variants",
+        default="plain",
+        help=f"memory variants tried for 8 chats x 4k (of {','.join(KV_VARIANTS)}; export before import) "
+        "[default: plain]",
     )
     p.add_argument(
         "--calib-samples", type=int, help="AWQ calibration chunks in the cold part [default: the app's]"
@@ -307,15 +327,23 @@ def run_parts(
     if "kv8g" in parts:
         for qp in size["kv_policies"]:
             for prefill in (int(x) for x in args.kv_prefill.split(",")):
-                kv_args = {
-                    **awq,
-                    "chats": 8,
-                    "session_len": KV8G_SESSION,
-                    "quant_policy": qp,
-                    "max_prefill_token_num": prefill,
-                    "long_new_tokens": size["long_new_tokens"],
-                }
-                step(f"kv8g_q{qp}" + ("" if prefill == KV8G_PREFILL else f"_p{prefill}"), "kv8g", kv_args, 300)
+                for variant in args.kv_variants.split(","):
+                    spec = dict(KV_VARIANTS[variant])
+                    env = {k: v.format(work=work) for k, v in spec.pop("env", {}).items()}
+                    kv_args = {
+                        **awq,
+                        "chats": 8,
+                        "session_len": KV8G_SESSION,
+                        "quant_policy": qp,
+                        "max_prefill_token_num": prefill,
+                        "long_new_tokens": size["long_new_tokens"],
+                        **spec,
+                        **({"env": env} if env else {}),
+                    }
+                    key = (f"kv8g_q{qp}" + ("" if prefill == KV8G_PREFILL else f"_p{prefill}")
+                           + ("" if variant == "plain" else f"_{variant}"))
+                    results[key] = run_child("kv8g", kv_args, timeout_s=300, env=env or None)
+                    on_progress(results)
     if "warm" in parts:
         step("warm", "warm", {"awq_dir": str(awq_dir)}, 180)
         notes.append(

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from legal_eagle import metrics
+from legal_eagle import gpu_memory, metrics
 from legal_eagle.bench import load
 from legal_eagle.bench.report import RequestResult, summarise
 from legal_eagle.engines.base import Engine, Message, SamplingParams
@@ -445,10 +445,19 @@ def part_kv8g(args: Mapping[str, Any]) -> dict[str, Any]:
     baseline = metrics.gpu_used_total()
     mem = PeakMemory(baseline)
     context = cuda_context_bytes(mem)
+    knobs: dict[str, Any] = {}
+    if args.get("env"):
+        knobs["env"] = dict(args["env"])
+    if args.get("stack_limit"):
+        import lmdeploy.turbomind  # noqa: F401  (loads the CUDA 12 runtime the limit is set through)
+
+        knobs["stack_limit"] = gpu_memory.set_stack_limit(int(args["stack_limit"]))
     start = time.perf_counter()
     with mem:
         pipe = pipeline(str(args["dir"]), backend_config=TurbomindEngineConfig(**opts), log_level="WARNING")
         load_s = time.perf_counter() - start
+        if args.get("trim_pools"):
+            knobs["trimmed_default_pool"] = gpu_memory.trim_default_pool()
         info = EngineInfo(
             name="bench-kv8g",
             backend="turbomind",
@@ -472,7 +481,8 @@ def part_kv8g(args: Mapping[str, Any]) -> dict[str, Any]:
             long8, prompt_tokens = load.long_chats(engine, PERSONA, chats, prompt, params)
     engine.close()
     return {
-        "engine": {**opts, "cache_max_entry_count": f"{share:.4f} ({blocks} blocks, {kv_bytes / 2**30:.2f} GiB)"},
+        "engine": {**opts, "cache_max_entry_count": f"{share:.4f} ({blocks} blocks, {kv_bytes / 2**30:.2f} GiB)",
+                   **knobs},
         "load_s": load_s,
         "memory_bytes": after_load,
         "load_peak_bytes": load_peak,
