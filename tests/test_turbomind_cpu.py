@@ -730,3 +730,35 @@ def test_closing_a_stream_on_an_event_loop_thread_does_not_wait_for_turbomind() 
         assert pipe.async_engine.slots == 0
     finally:
         engine.close()
+
+
+def test_load_sets_the_stack_limit_before_the_pipeline_unless_lean_memory_is_off(tmp_path: Path,
+                                                                                 monkeypatch: Any) -> None:
+    pytest.importorskip("lmdeploy")
+    import lmdeploy
+    import lmdeploy.turbomind
+    import lmdeploy.turbomind.supported_models as sm
+
+    from legal_eagle import gpu_memory
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(lmdeploy.turbomind, "is_available", lambda: True)
+    monkeypatch.setattr(sm, "is_supported", lambda *a, **k: True)
+    order: list[str] = []
+    monkeypatch.setattr(gpu_memory, "set_stack_limit", lambda *a, **k: order.append("stack") or 512)
+    monkeypatch.setattr(gpu_memory, "trim_default_pool", lambda *a, **k: order.append("trim") or True)
+
+    def pipeline(*args: Any, **kwargs: Any) -> None:
+        order.append("pipeline")
+        raise SystemExit(1)
+
+    monkeypatch.setattr(lmdeploy, "pipeline", pipeline)
+    base = {"model_format": "awq", "session_len": 4096, "cache_max_entry_count": 0.5, "quant_policy": 0,
+            "max_batch_size": 8, "tp": 1, "check_memory": False}
+    with pytest.raises(EngineError):
+        tm.TurbomindEngine.load(tmp_path, **base)
+    assert order == ["stack", "pipeline"]  # a failed load trims nothing
+    order.clear()
+    with pytest.raises(EngineError):
+        tm.TurbomindEngine.load(tmp_path, **base, lean_memory=False)
+    assert order == ["pipeline"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from legal_eagle import metrics
+from legal_eagle import gpu_memory, metrics
 from legal_eagle.chat_template import render_ids, stop_token_ids
 from legal_eagle.config import CACHE_GENERATION
 from legal_eagle.engines.base import Chunk, EngineInfo, FinishReason, Message, SamplingParams
@@ -280,7 +280,7 @@ class TurbomindEngine:
              cache_max_entry_count: float, quant_policy: Literal[0, 4, 8], max_batch_size: int, tp: int,
              enable_prefix_caching: bool = True, cache_generation: str = "all", name: str = "turbomind",
              log_level: str = "WARNING", check_memory: bool = True,
-             extra_options: Mapping[str, Any] | None = None) -> TurbomindEngine:
+             extra_options: Mapping[str, Any] | None = None, lean_memory: bool = True) -> TurbomindEngine:
         """Load a checkpoint into TurboMind in this process.
 
         Args:
@@ -303,6 +303,9 @@ class TurbomindEngine:
                 for the weights, or for a KV cache of one whole ``session_len``.
             extra_options: more ``TurbomindEngineConfig`` fields (benchmark experiments, e.g.
                 ``gemm_input_dtype``); an unknown name is a ValueError.
+            lean_memory: hand back GPU memory TurboMind holds unused (``gpu_memory``: a 512-byte CUDA
+                stack limit before the load, the default pool trimmed after it); best effort, and
+                what was done is in ``info.extra``.
 
         Returns:
             The ready engine.
@@ -342,6 +345,7 @@ class TurbomindEngine:
         except (TypeError, ValueError, AssertionError) as exc:  # pydantic's ValidationError is a ValueError
             raise ValueError(f"bad TurboMind option in {sorted(extra_options or {})}: {exc}") from exc
         baseline = metrics.gpu_used_total()
+        stack = gpu_memory.set_stack_limit() if lean_memory else None
         start = time.perf_counter()
         try:
             pipe = pipeline(str(model_dir), backend_config=config, log_level=log_level)
@@ -350,6 +354,7 @@ class TurbomindEngine:
         except Exception as exc:
             raise EngineError(MSG_LOAD, f"lmdeploy.pipeline({model_dir}) failed: {exc!r}") from exc
         load_s = time.perf_counter() - start
+        trimmed = gpu_memory.trim_default_pool() if lean_memory else False
         if getattr(pipe.async_engine, "backend", "turbomind") != "turbomind":
             pipe.close()
             raise EngineError(MSG_UNSUPPORTED, "LMDeploy fell back to its PyTorch engine")
@@ -362,7 +367,7 @@ class TurbomindEngine:
                    "max_batch_size": max_batch_size, "tp": tp, "enable_prefix_caching": enable_prefix_caching,
                    "cache_generation": options.get("cache_generation", "none"), **dict(extra_options or {}),
                    "devices": list(getattr(backend, "devices", None) or range(tp)), "dtype": dtype,
-                   "load_s": round(load_s, 2)},
+                   "load_s": round(load_s, 2), "cuda_stack_limit": stack, "trimmed_default_pool": trimmed},
         )
         engine = cls(pipe, info, baseline_gpu_used=baseline)
         log.info("TurboMind ready in %.1f s: %s (%s, KV %s, session_len %d, GPU memory %s)", load_s,

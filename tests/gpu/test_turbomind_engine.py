@@ -60,6 +60,9 @@ def test_loads_and_describes_itself(engine: Any, fp16_dir: Path) -> None:
     assert engine.info.backend == "turbomind" and engine.info.quantization == "fp16"
     assert engine.info.context_len == 2048 and engine.info.extra["enable_prefix_caching"] is True
     assert engine._pipe.async_engine.backend == "turbomind"
+    # lean_memory (the default): the CUDA stack limit was set before the load, the default pool trimmed after
+    assert engine.info.extra["cuda_stack_limit"] == 512
+    assert engine.info.extra["trimmed_default_pool"] is True
 
 
 def test_streams_tokens(engine: Any, monkeypatch: Any) -> None:
