@@ -77,6 +77,12 @@ KV8G_PREFILL = 4096  # max_prefill_token_num of the 8-chat engine: one whole pro
 VERSIONED = ("lmdeploy", "torch", "transformers", "gradio", "gradio_client")
 
 
+def variant_spec(variant: dict[str, Any], work: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A KV or tune variant's part arguments and its environment, ``{work}`` filled in."""
+    spec = dict(variant)
+    return spec, {k: v.format(work=work) for k, v in spec.pop("env", {}).items()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's options."""
     p = argparse.ArgumentParser(
@@ -244,8 +250,9 @@ def run_parts(
     """
     results: dict[str, Any] = {}
 
-    def step(key: str, part: str, part_args: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        results[key] = run_child(part, part_args, timeout_s=timeout_s)
+    def step(key: str, part: str, part_args: dict[str, Any], timeout_s: float,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
+        results[key] = run_child(part, part_args, timeout_s=timeout_s, env=env)
         on_progress(results)
         return results[key]
 
@@ -328,8 +335,7 @@ def run_parts(
         for qp in size["kv_policies"]:
             for prefill in (int(x) for x in args.kv_prefill.split(",")):
                 for variant in args.kv_variants.split(","):
-                    spec = dict(KV_VARIANTS[variant])
-                    env = {k: v.format(work=work) for k, v in spec.pop("env", {}).items()}
+                    spec, env = variant_spec(KV_VARIANTS[variant], work)
                     kv_args = {
                         **awq,
                         "chats": 8,
@@ -342,8 +348,7 @@ def run_parts(
                     }
                     key = (f"kv8g_q{qp}" + ("" if prefill == KV8G_PREFILL else f"_p{prefill}")
                            + ("" if variant == "plain" else f"_{variant}"))
-                    results[key] = run_child("kv8g", kv_args, timeout_s=300, env=env or None)
-                    on_progress(results)
+                    step(key, "kv8g", kv_args, 300, env=env or None)
     if "warm" in parts:
         step("warm", "warm", {"awq_dir": str(awq_dir)}, 180)
         notes.append(
@@ -353,8 +358,7 @@ def run_parts(
         variants: list[dict[str, Any]] = []
         results["tune"] = {"variants": variants}
         for name in args.tune_variants.split(","):
-            spec = dict(TUNE_VARIANTS[name])
-            env = {k: v.format(work=work) for k, v in spec.pop("env", {}).items()}
+            spec, env = variant_spec(TUNE_VARIANTS[name], work)
             fmt = spec.pop("format", "awq")
             weights = awq_dir if fmt == "awq" else fp16_dir(model_dir, work)
             if fmt == "fp8":  # 8-bit weights: written once from the fp16 Llama checkpoint, kept in the work dir
