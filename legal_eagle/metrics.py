@@ -91,6 +91,21 @@ def gpu_free_total(index: int = 0) -> tuple[int, int] | None:
         return None
 
 
+def gpu_model(index: int = 0) -> str | None:
+    """A GPU's name and compute capability ("NVIDIA A10 sm86"), or None without NVML."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        name = nvml.nvmlDeviceGetName(handle)
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+    except Exception as exc:
+        log.debug("NVML device query failed: %s", exc)
+        return None
+    return f"{name.decode() if isinstance(name, bytes) else name} sm{major}{minor}"
+
+
 def gpu_used_total(device_indices: Iterable[int] | None = None) -> int | None:
     """Memory in use on the given GPUs by all processes together (bytes), or None without NVML."""
     nvml = _nvml()

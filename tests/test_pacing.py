@@ -77,3 +77,30 @@ def test_missing_matplotlib_fails_fast() -> None:
     if importlib.util.find_spec("matplotlib") is None or sys.modules.get("matplotlib", 0) is None:
         with pytest.raises(ImportError):
             import matplotlib  # noqa: F401  (fails at once, without searching sys.path)
+
+
+def test_the_chat_tab_asks_the_engine_before_its_first_page_update(settings: Any) -> None:
+    """TurboMind starts a request when ``stream`` is called: the prefill then overlaps Gradio's send of
+    the first update ("正在生成…"). A Stop while that update is out still closes the stream."""
+    from legal_eagle.engines.fake import FakeEngine
+    from legal_eagle.prompts import load_prompts
+    from legal_eagle.service import ModelService
+    from legal_eagle.ui.chat_tab import ChatHandlers
+
+    class Recording(FakeEngine):
+        def __init__(self) -> None:
+            super().__init__(delay_s=0.01)
+            self.streams: list[Any] = []
+
+        def stream(self, messages: Any, params: Any) -> Any:
+            gen = super().stream(messages, params)
+            self.streams.append(gen)
+            return gen
+
+    engine = Recording()
+    handlers = ChatHandlers(ModelService.ready_with(engine), settings, load_prompts(), None)
+    answer = handlers.respond("问题", [], "律师", 0.7, 0.8, 64, 1.0, True)
+    first = next(answer)
+    assert "正在生成" in first[-1] and len(engine.streams) == 1
+    answer.close()  # the page went away while its first update was out
+    assert engine.streams[0].gi_frame is None  # the engine's stream was closed with it

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import itertools
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -175,7 +178,8 @@ def test_stream_sends_ids_and_relays_text(engine_pipe: Any) -> None:
     assert "".join(c.text for c in chunks) == "您好，这是回答。"
     assert chunks[-1].finish_reason == "stop" and chunks[-1].n_tokens == 8
     assert all(c.finish_reason is None for c in chunks[:-1])
-    assert [c.n_tokens for c in chunks[:-1]] == list(range(1, 9))
+    counts = [c.n_tokens for c in chunks]
+    assert counts == sorted(counts) and len(chunks) <= 9  # outputs queued meanwhile come as one chunk
     request = pipe.async_engine.requests[0]
     assert request["messages"] is None
     ids = request["input_ids"]
@@ -236,11 +240,56 @@ def test_an_abandoned_stream_is_aborted_and_counted_out(monkeypatch: Any) -> Non
         engine.close()
 
 
-def test_close_before_first_chunk_never_starts_a_request(engine_pipe: Any) -> None:
-    engine, pipe = engine_pipe
-    gen = engine.stream(MESSAGES, GREEDY)
-    gen.close()  # never started: no request, nothing counted
-    assert engine.active_generations() == 0 and pipe.async_engine.requests == []
+def test_a_reader_that_keeps_up_gets_a_chunk_per_token_and_a_slow_one_gets_them_joined() -> None:
+    engine, _ = make_engine(answer="字" * 40, delay_s=0.005)
+    try:
+        steady = list(engine.stream(MESSAGES, GREEDY))
+        assert len(steady) >= 30 and steady[-1].n_tokens == 40  # about one chunk per 5-ms token
+        slow = []
+        for chunk in engine.stream(MESSAGES, GREEDY):
+            slow.append(chunk)
+            time.sleep(0.05)  # a handler busy with a page update meanwhile
+        assert "".join(c.text for c in slow) == "字" * 40 and slow[-1].finish_reason == "stop"
+        assert len(slow) < 15 and max(b.n_tokens - a.n_tokens for a, b in itertools.pairwise(slow)) > 1
+        assert engine.active_generations() == 0
+    finally:
+        engine.close()
+
+
+def test_stream_hands_the_request_to_turbomind_before_the_first_chunk_is_asked_for() -> None:
+    """The prefill overlaps the caller's own first work (the chat handler's first page update)."""
+    engine, pipe = make_engine(answer="好的")
+    try:
+        gen = engine.stream(MESSAGES, GREEDY)
+        deadline = time.monotonic() + 5
+        while not pipe.async_engine.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(pipe.async_engine.requests) == 1 and engine.active_generations() == 1
+        assert "".join(c.text for c in gen) == "好的" and engine.active_generations() == 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_a_stream_closed_or_dropped_before_its_first_chunk_is_aborted_at_once(how: str) -> None:
+    engine, pipe = make_engine(answer="字" * 500, delay_s=0.01)  # 5 s if nobody stopped it
+    try:
+        gen = engine.stream(MESSAGES, GREEDY)
+        deadline = time.monotonic() + 5
+        while pipe.async_engine.slots == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pipe.async_engine.slots == 1
+        started = time.monotonic()
+        if how == "close":
+            gen.close()
+        else:
+            del gen
+            gc.collect()
+        assert time.monotonic() - started < 2.0
+        assert engine.active_generations() == 0 and pipe.async_engine.slots == 0
+        assert pipe.async_engine.endings in (["cancelled"], ["closed"])
+    finally:
+        engine.close()
 
 
 def test_engine_exception_becomes_chinese_engine_error() -> None:
@@ -762,3 +811,55 @@ def test_load_sets_the_stack_limit_before_the_pipeline_unless_lean_memory_is_off
     with pytest.raises(EngineError):
         tm.TurbomindEngine.load(tmp_path, **base, lean_memory=False)
     assert order == ["pipeline"]
+
+
+def test_load_tunes_once_then_reads_the_gemm_tuning_file(tmp_path: Path, monkeypatch: Any) -> None:
+    """TurbomindEngine.load points TurboMind at the tuning file: the first load exports, the next imports."""
+    pytest.importorskip("lmdeploy")
+    from types import SimpleNamespace
+
+    import lmdeploy
+    import lmdeploy.turbomind
+    import lmdeploy.turbomind.supported_models as sm
+
+    from legal_eagle import metrics
+
+    model = tmp_path / "awq"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    monkeypatch.setattr(lmdeploy.turbomind, "is_available", lambda: True)
+    monkeypatch.setattr(sm, "is_supported", lambda *a, **k: True)
+    monkeypatch.setattr(metrics, "gpu_model", lambda index=0: "TEST GPU sm90")
+    seen: list[dict[str, str]] = []
+    pipes: list[FakePipeline] = []
+
+    def pipeline(*args: Any, **kwargs: Any) -> FakePipeline:
+        seen.append({k: v for k, v in os.environ.items() if k.startswith("TM_GEMM")})
+        if "TM_GEMM_EXPORT" in os.environ:
+            Path(os.environ["TM_GEMM_EXPORT"]).write_text("records\n")
+        pipe = FakePipeline(FakeAsyncEngine())
+        engine = pipe.async_engine
+        engine.backend = "turbomind"  # type: ignore[attr-defined]
+        engine.backend_config = SimpleNamespace(dtype="float16", devices=[0])  # type: ignore[attr-defined]
+        engine.tokenizer = SimpleNamespace(model=SimpleNamespace(model=CharTokenizer()))  # type: ignore[attr-defined]
+        pipes.append(pipe)
+        return pipe
+
+    monkeypatch.setattr(lmdeploy, "pipeline", pipeline)
+    for name in ("TM_GEMM_IMPORT", "TM_GEMM_EXPORT", "TM_GEMM_TUNE"):
+        monkeypatch.delenv(name, raising=False)
+    base = {"model_format": "awq", "session_len": 4096, "cache_max_entry_count": 0.5, "quant_policy": 0,
+            "max_batch_size": 8, "tp": 1, "check_memory": False, "gemm_tuning_dir": tmp_path / "gemm"}
+    infos = []
+    for share in (0.5, 0.3):  # a different KV share (the comparison plan's) reuses the same file
+        engine = tm.TurbomindEngine.load(model, **{**base, "cache_max_entry_count": share})
+        infos.append(dict(engine.info.extra))
+        engine.close()
+    assert [info["gemm_tuning"] for info in infos] == ["export", "import"]
+    path = Path(str(infos[0]["gemm_tuning_file"]))
+    assert path.read_text() == "records\n" and path.parent == tmp_path / "gemm"
+    assert list(seen[0]) == ["TM_GEMM_EXPORT"] and seen[1] == {"TM_GEMM_IMPORT": str(path)}
+    assert not any(k.startswith("TM_GEMM") for k in os.environ)  # set for the load only
+    engine = tm.TurbomindEngine.load(model, **{**base, "gemm_tuning_dir": None})
+    assert engine.info.extra["gemm_tuning"] == "off" and seen[-1] == {}
+    engine.close()

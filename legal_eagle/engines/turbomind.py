@@ -4,11 +4,13 @@ The prompt goes in as token ids from ``chat_template.render_ids`` (never as text
 typed ``<|im_end|>`` stays plain characters. LMDeploy's ``Pipeline.stream_infer`` only takes
 text or messages, which it tokenizes itself, so each answer is driven one level lower, on
 the pipeline's own event-loop thread: ``AsyncEngine.preprocess(None, session,
-input_ids=ids)`` then ``AsyncEngine.generate(request)``. A thread-safe queue hands the
-outputs to the caller's thread (Gradio runs many ``stream`` calls at once from worker
-threads). Closing the stream aborts the request in TurboMind (``Session.async_abort``; a
-request still waiting for a slot is cancelled) and waits until LMDeploy has returned its
-slot, so ``active_generations`` and the engine agree when ``close()`` returns.
+input_ids=ids)`` then ``AsyncEngine.generate(request)``. ``stream`` hands the request to
+that loop at once, so the prefill runs while the caller still does its own work. A thread-safe
+queue hands the outputs to the caller's thread (Gradio runs many ``stream`` calls at once from
+worker threads); outputs that queued up meanwhile come as one chunk. Closing the stream aborts
+the request in TurboMind (``Session.async_abort``; a request still waiting for a slot is
+cancelled) and waits until LMDeploy has returned its slot, so ``active_generations`` and the
+engine agree when ``close()`` returns.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from legal_eagle import gpu_memory, metrics
+from legal_eagle import gemm_tuning, gpu_memory, metrics
 from legal_eagle.chat_template import render_ids, stop_token_ids
 from legal_eagle.config import CACHE_GENERATION
 from legal_eagle.engines.base import Chunk, EngineInfo, FinishReason, Message, SamplingParams
@@ -250,6 +252,40 @@ class _Run:
     last_pull: float = field(default_factory=time.monotonic)  # when the consumer last took an output
 
 
+class _Answer(Iterator[Chunk]):
+    """What ``TurbomindEngine.stream`` returns: the chunks of a run already handed to TurboMind.
+
+    A generator would not do: one closed (or dropped) before its first ``next`` never runs its
+    ``finally``, and the request would keep its slot until ``ABANDON_S``.
+    """
+
+    def __init__(self, engine: TurbomindEngine, run: _Run) -> None:
+        self._engine, self._run = engine, run
+        self._chunks = engine._relay(run)
+        self._finished = False
+
+    def __next__(self) -> Chunk:
+        if self._finished:
+            raise StopIteration
+        try:
+            return next(self._chunks)
+        except BaseException:  # the end, an engine error or an interrupt: the run is over for us
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Abort the run if it still runs and count it out (once)."""
+        if self._finished:
+            return
+        self._finished = True
+        self._chunks.close()
+        self._engine._finish(self._run)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
 class TurbomindEngine:
     """Streams answers from an LMDeploy TurboMind pipeline (``lmdeploy.pipeline``)."""
 
@@ -280,7 +316,8 @@ class TurbomindEngine:
              cache_max_entry_count: float, quant_policy: Literal[0, 4, 8], max_batch_size: int, tp: int,
              enable_prefix_caching: bool = True, cache_generation: str = "all", name: str = "turbomind",
              log_level: str = "WARNING", check_memory: bool = True,
-             extra_options: Mapping[str, Any] | None = None, lean_memory: bool = True) -> TurbomindEngine:
+             extra_options: Mapping[str, Any] | None = None, lean_memory: bool = True,
+             gemm_tuning_dir: Path | None = None) -> TurbomindEngine:
         """Load a checkpoint into TurboMind in this process.
 
         Args:
@@ -306,6 +343,9 @@ class TurbomindEngine:
             lean_memory: hand back GPU memory TurboMind holds unused (``gpu_memory``: a 512-byte CUDA
                 stack limit before the load, the default pool trimmed after it); best effort, and
                 what was done is in ``info.extra``.
+            gemm_tuning_dir: where TurboMind's GEMM tuning is kept per GPU, LMDeploy, checkpoint and
+                options (``gemm_tuning``): the first load tunes and writes it, later ones read it
+                and skip the warm-up; None tunes on every load.
 
         Returns:
             The ready engine.
@@ -348,7 +388,9 @@ class TurbomindEngine:
         stack = gpu_memory.set_stack_limit() if lean_memory else None
         start = time.perf_counter()
         try:
-            pipe = pipeline(str(model_dir), backend_config=config, log_level=log_level)
+            with gemm_tuning.tuning_for_load(gemm_tuning_dir, model_dir, {**options, "model_format": model_format}
+                                             ) as tuning:
+                pipe = pipeline(str(model_dir), backend_config=config, log_level=log_level)
         except SystemExit as exc:  # LMDeploy ends the process on some load failures
             raise EngineError(MSG_LOAD, f"lmdeploy.pipeline raised SystemExit({exc.code})") from exc
         except Exception as exc:
@@ -367,7 +409,8 @@ class TurbomindEngine:
                    "max_batch_size": max_batch_size, "tp": tp, "enable_prefix_caching": enable_prefix_caching,
                    "cache_generation": options.get("cache_generation", "none"), **dict(extra_options or {}),
                    "devices": list(getattr(backend, "devices", None) or range(tp)), "dtype": dtype,
-                   "load_s": round(load_s, 2), "cuda_stack_limit": stack, "trimmed_default_pool": trimmed},
+                   "load_s": round(load_s, 2), "cuda_stack_limit": stack, "trimmed_default_pool": trimmed,
+                   "gemm_tuning": tuning.describe(), "gemm_tuning_file": str(tuning.path) if tuning.path else None},
         )
         engine = cls(pipe, info, baseline_gpu_used=baseline)
         log.info("TurboMind ready in %.1f s: %s (%s, KV %s, session_len %d, GPU memory %s)", load_s,
@@ -385,65 +428,95 @@ class TurbomindEngine:
         return len(render_ids(self._tokenizer, messages))
 
     def stream(self, messages: Sequence[Message], params: SamplingParams) -> Iterator[Chunk]:
-        """Stream an answer; closing the generator aborts it in TurboMind and frees its slot."""
+        """Stream an answer. The request goes to TurboMind now, before the first chunk is asked for
+        (the prefill then overlaps whatever the caller does first, such as the page's first update);
+        closing the stream, or dropping it unread, aborts it in TurboMind and frees its slot."""
         if self._closed:
             raise EngineError(MSG_CLOSED, "stream() after close()")
         ids = render_ids(self._tokenizer, messages)
         if len(ids) >= self._info.context_len:
             raise EngineError(MSG_TOO_LONG, f"prompt of {len(ids)} tokens >= {self._info.context_len}")
-        return self._stream(_Run(input_ids=ids, gen_config=build_generation_config(params, self._stop_ids)))
+        run = _Run(input_ids=ids, gen_config=build_generation_config(params, self._stop_ids))
+        self._start(run)
+        return _Answer(self, run)
 
-    def _stream(self, run: _Run) -> Iterator[Chunk]:
-        """Start the run on the engine's loop and relay its outputs as chunks."""
+    def _start(self, run: _Run) -> None:
+        """Count the run in and hand its driver to the engine's loop."""
         with self._lock:
             if self._closed:
                 raise EngineError(MSG_CLOSED, "stream() after close()")
             self._active += 1
             self._runs.add(run)
+        coro = self._drive(run)
         try:
-            coro = self._drive(run)
-            try:
-                asyncio.run_coroutine_threadsafe(coro, self._loop)
-                run.started = True
-            except RuntimeError as exc:  # the pipeline's loop is gone
-                coro.close()
-                run.done.set()
-                raise EngineError(MSG_CLOSED, f"engine loop unavailable: {exc}") from exc
-            yield from self._relay(run)
-        finally:
-            alive = False
-            if not run.done.is_set() and run.started:
-                # Gradio closes a cancelled handler on its event loop thread: waiting there for
-                # TurboMind to confirm would freeze every other user's stream meanwhile.
-                alive = self._abort(run, wait=not _on_event_loop())  # done or not: checked under the lock
-            self._release_when_done(run, driver_alive=alive)
+            asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except RuntimeError as exc:  # the pipeline's loop is gone
+            coro.close()
+            run.done.set()
+            self._release(run)
+            raise EngineError(MSG_CLOSED, f"engine loop unavailable: {exc}") from exc
+        run.started = True
 
-    def _relay(self, run: _Run) -> Iterator[Chunk]:
-        """Turn queued outputs into chunks; the last chunk comes once the slot is free."""
+    def _finish(self, run: _Run) -> None:
+        """The consumer is done with a run (read to the end, failed, closed or dropped): abort it in
+        TurboMind if it still runs, and count it out now or when its driver ends."""
+        alive = False
+        if not run.done.is_set() and run.started:
+            # Gradio closes a cancelled handler on its event loop thread: waiting there for
+            # TurboMind to confirm would freeze every other user's stream meanwhile.
+            alive = self._abort(run, wait=not _on_event_loop())  # done or not: checked under the lock
+        self._release_when_done(run, driver_alive=alive)
+
+    def _relay(self, run: _Run) -> Generator[Chunk, None, None]:
+        """Turn queued outputs into chunks; the last chunk comes once the slot is free.
+
+        Outputs that queued up while the consumer was busy come as one chunk (their texts joined):
+        under load the app's handlers then take a few chunks per update instead of one per token.
+        """
         n_tokens, final = 0, None
         while True:
-            run.last_pull = time.monotonic()
-            try:
-                kind, payload = run.outputs.get(timeout=STALL_S)
-            except queue.Empty:
-                raise EngineError(MSG_STALLED, f"no TurboMind output for {STALL_S:.0f} s") from None
-            run.last_pull = time.monotonic()
-            if kind == "end":
-                break
-            if kind == "error":
-                raise user_error(payload)
-            text = payload.response or ""
-            count = max(n_tokens, int(payload.generate_token_len or 0))
-            reason = map_finish_reason(payload.finish_reason)
-            if reason == "error":
-                raise EngineError(MSG_GENERATE, "TurboMind finished with finish_reason 'error'")
-            if reason is not None:
-                final = Chunk(text=text, n_tokens=count, finish_reason=reason)
-            elif text or count > n_tokens:
+            text, count, ended = "", n_tokens, False
+            for kind, payload in self._take(run):
+                if kind == "end":
+                    ended = True
+                    break
+                if kind == "error":
+                    if text:
+                        yield Chunk(text=text, n_tokens=count)
+                    raise user_error(payload)
+                reason = map_finish_reason(payload.finish_reason)
+                if reason == "error":
+                    if text:
+                        yield Chunk(text=text, n_tokens=count)
+                    raise EngineError(MSG_GENERATE, "TurboMind finished with finish_reason 'error'")
+                text += payload.response or ""
+                count = max(count, int(payload.generate_token_len or 0))
+                if reason is not None:
+                    final = Chunk(text=text, n_tokens=count, finish_reason=reason)
+                    text = ""
+            if text or count > n_tokens and final is None:
                 yield Chunk(text=text, n_tokens=count)
             n_tokens = count
+            if ended:
+                break
         self._release(run)  # the driver has ended: the slot is free before the caller sees the end
         yield final or Chunk(text="", n_tokens=n_tokens, finish_reason="abort")
+
+    @staticmethod
+    def _take(run: _Run) -> list[tuple[str, Any]]:
+        """The next output (waiting up to ``STALL_S``) and all that queued behind it."""
+        run.last_pull = time.monotonic()
+        try:
+            items = [run.outputs.get(timeout=STALL_S)]
+        except queue.Empty:
+            raise EngineError(MSG_STALLED, f"no TurboMind output for {STALL_S:.0f} s") from None
+        while True:
+            try:
+                items.append(run.outputs.get_nowait())
+            except queue.Empty:
+                break
+        run.last_pull = time.monotonic()
+        return items
 
     async def _drive(self, run: _Run) -> None:
         """On the engine's loop: preprocess the ids, generate, and queue every output."""

@@ -179,10 +179,12 @@ class ChatHandlers:
         turns += [{"role": "user", "content": question}, answer]
         timer = StreamTimer()
         tokens, reason, last_yield = 0, "abort", 0.0
-        yield self._outputs(turns, "", f"正在生成… {notice}")
         try:
             with self.pacer.streaming(), closing(running):  # closed before the lease goes back
-                for chunk in running.follow(engine.stream(trimmed.messages, params)):  # ends at a Stop
+                # Asked for before the first page update: TurboMind's prefill runs while Gradio sends it.
+                chunks = running.follow(engine.stream(trimmed.messages, params))  # ends at a Stop
+                yield self._outputs(turns, "", f"正在生成… {notice}")
+                for chunk in chunks:
                     answer["content"] += chunk.text
                     tokens = chunk.n_tokens
                     timer.record(tokens)

@@ -33,9 +33,15 @@ class RunningAnswer:
         self._stream: Iterator[Chunk] | None = None
 
     def follow(self, stream: Iterator[Chunk]) -> Iterator[Chunk]:
-        """The engine's chunks until it ends or the answer is stopped (the stream is then closed)."""
+        """Hold ``stream`` from now on (a stop closes it even before the first pull); its chunks until
+        it ends or the answer is stopped (the stream is then closed)."""
         with self._lock:
             self._stream = stream
+            if self.stopped.is_set():
+                self._close_locked()
+        return self._pull()
+
+    def _pull(self) -> Iterator[Chunk]:
         while True:
             with self._lock:
                 if self.stopped.is_set() or self._stream is None:

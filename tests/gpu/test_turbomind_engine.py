@@ -188,11 +188,21 @@ def test_awq_checkpoint_loads_and_streams(tmp_path: Path, monkeypatch: Any) -> N
     auto_awq(str(llama), work_dir=str(awq_dir), calib_samples=0, w_bits=4, w_group_size=128, device="cuda",
              dtype="float16")
     _no_eos(monkeypatch)
-    eng = TurbomindEngine.load(awq_dir, model_format="awq", name="tiny awq", **ENGINE_OPTS)
-    try:
-        assert eng.info.quantization == "AWQ W4A16 g128"
-        chunks = _run(eng, PROMPT, GREEDY)
-        assert chunks[-1].finish_reason == "length" and chunks[-1].n_tokens == 24
-        assert eng.gpu_memory_bytes() is not None
-    finally:
-        eng.close()
+    answers, extras = [], []
+    for _ in range(2):  # the first load tunes TurboMind's GEMMs and keeps the result; the second reads it
+        eng = TurbomindEngine.load(awq_dir, model_format="awq", name="tiny awq", gemm_tuning_dir=tmp_path / "gemm",
+                                   **ENGINE_OPTS)
+        try:
+            assert eng.info.quantization == "AWQ W4A16 g128"
+            chunks = _run(eng, PROMPT, GREEDY)
+            assert chunks[-1].finish_reason == "length" and chunks[-1].n_tokens == 24
+            assert eng.gpu_memory_bytes() is not None
+            answers.append("".join(c.text for c in chunks))
+            extras.append(dict(eng.info.extra))
+        finally:
+            eng.close()
+    print("gemm tuning:", [(e["gemm_tuning"], e["load_s"]) for e in extras])
+    assert [e["gemm_tuning"] for e in extras] == ["export", "import"]
+    tuning_file = Path(str(extras[0]["gemm_tuning_file"]))
+    assert tuning_file.stat().st_size > 0 and extras[1]["gemm_tuning_file"] == str(tuning_file)
+    assert answers[0] == answers[1]  # greedy: the imported plans compute what the tuned ones did
