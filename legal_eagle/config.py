@@ -169,6 +169,11 @@ class Settings:
         return CalibrationSpec(source="file", path=path)
 
     @property
+    def gemm_tuning_path(self) -> Path:
+        """Where TurboMind's GEMM tuning files live (``gemm_tuning``); delete it to tune again."""
+        return self.cache_path / "turbomind-gemm"
+
+    @property
     def laws_path(self) -> Path:
         """Resolved statute corpus directory."""
         return Path(self.laws_dir).expanduser() if self.laws_dir else self.cache_path / "laws"

@@ -130,6 +130,7 @@ def load_engine(settings: Settings, progress: ProgressFn, checkpoints: Checkpoin
             enable_prefix_caching=settings.enable_prefix_caching,
             cache_generation=settings.cache_generation,
             name=_display_name(settings, model_format),
+            gemm_tuning_dir=settings.gemm_tuning_path,
         )
         engine = load()
         if comparable:
@@ -199,7 +200,8 @@ def comparison_provider(settings: Settings, service: ModelService, checkpoints: 
 
         return turbomind_provider(checkpoints.get, lambda: service.engine_or_none is not None,
                                   session_len=settings.session_len, quant_policy=settings.quant_policy,
-                                  suspend_chat=suspend_chat if settings.compare_pause_chat else None)
+                                  suspend_chat=suspend_chat if settings.compare_pause_chat else None,
+                                  gemm_tuning_dir=settings.gemm_tuning_path)
     reasons = {
         "transformers": "fp16 与 4-bit 对比需要 NVIDIA GPU 上的 LMDeploy TurboMind；本机用 transformers 引擎，"
                         "没有 4-bit 模型可比。聊天功能不受影响。",

@@ -431,7 +431,7 @@ def turbomind_provider(checkpoints: Callable[[], tuple[Path, Path] | None],
                        chat_engine_loaded: Callable[[], bool], *, session_len: int, quant_policy: int = 0,
                        max_batch_size: int = 4,
                        suspend_chat: Callable[[Progress], AbstractContextManager[None]] | None = None,
-                       ) -> PlannedProvider:
+                       gemm_tuning_dir: Path | None = None) -> PlannedProvider:
     """A ``PlannedProvider`` that loads the fp16 checkpoint into TurboMind in this process.
 
     Args:
@@ -441,6 +441,7 @@ def turbomind_provider(checkpoints: Callable[[], tuple[Path, Path] | None],
         quant_policy: KV-cache precision (0, 4 or 8), as the chat engine's.
         max_batch_size: answers the fp16 engine decodes at once (a comparison needs 1).
         suspend_chat: as ``PlannedProvider``'s (None: no "exclusive" plan).
+        gemm_tuning_dir: where TurboMind keeps its GEMM tuning (``TurbomindEngine.load``'s).
 
     Returns:
         The provider; nothing is loaded until a comparison asks.
@@ -463,6 +464,7 @@ def turbomind_provider(checkpoints: Callable[[], tuple[Path, Path] | None],
             raise GpuMemoryError("模型还在准备中，请稍后再试。", "fp16 checkpoint not prepared yet")
         return TurbomindEngine.load(dirs[1], model_format="hf", session_len=session_len,
                                     cache_max_entry_count=share, quant_policy=quant_policy,  # type: ignore[arg-type]
-                                    max_batch_size=max_batch_size, tp=1, name="fp16")
+                                    max_batch_size=max_batch_size, tp=1, name="fp16",
+                                    gemm_tuning_dir=gemm_tuning_dir)
 
     return PlannedProvider(load, sizes=sizes, chat_engine_loaded=chat_engine_loaded, suspend_chat=suspend_chat)
