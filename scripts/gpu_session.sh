@@ -46,6 +46,9 @@
 #                                    # exported / imported, default pool trimmed, 512-byte CUDA stack, all three)
 #   bash scripts/gpu_session.sh s14  # the engine tests (lean_memory load), random 7B checkpoints, target 4's
 #                                    # variants at prefill 256 and 1024 (plain, app-lean, export, lean), serve --quick
+#   bash scripts/gpu_session.sh s15  # random 7B checkpoints meanwhile the engine tests (stream handed to TurboMind at
+#                                    # once, GEMM tuning file written then read) and the GPU reliability suite
+#   bash scripts/gpu_session.sh s16  # after s15: target 4 through TurbomindEngine.load (first and later start), serve --quick
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -214,6 +217,19 @@ s14) timeout 90 python3 -m pytest -q -rs -m gpu tests/gpu/test_turbomind_engine.
      --kv-policies 4 --kv-prefill 256,1024 --kv-variants plain,app-lean,export,lean --json "$L/bench_kv8g.json" 2>&1 \
      | tee "$L/bench_kv8g.log" | grep -E "^\| 4 |error" | tail -4
    left=$((${LE_LIMIT:-575} - SECONDS))   # the app under load with the lean-memory engine
+   [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
+     --work-dir $B --parts serve --quick --json "$L/bench_serve.json" 2>&1 | tee "$L/bench_serve.log" \
+     | grep -E "^\| [12] " ;;
+s15) (timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
+     --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1; echo "make rc=$?" >> "$L/bench_make.log") &
+   timeout 120 python3 -m pytest -q -s -rs -m gpu tests/gpu/test_turbomind_engine.py -p no:cacheprovider 2>&1 \
+     | tee "$L/pytest_gpu.log" | grep -E "gemm tuning|passed|failed|Error" | tail -6   # eager stream, tuning file
+   reliability $((${LE_LIMIT:-575} - SECONDS - 20))   # Stop four ways through the app (the stream starts eagerly)
+   wait; tail -3 "$L/bench_make.log" ;;
+s16) timeout 200 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir $B --parts kv8g --quick \
+     --kv-policies 4 --kv-prefill 256 --kv-variants app,app-again --json "$L/bench_kv8g.json" 2>&1 \
+     | tee "$L/bench_kv8g.log" | grep -E "^\| 4 |error" | tail -4   # target 4 through the app's own load
+   left=$((${LE_LIMIT:-575} - SECONDS))   # the app under load: eager stream, joined chunks, tuning file
    [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
      --work-dir $B --parts serve --quick --json "$L/bench_serve.json" 2>&1 | tee "$L/bench_serve.log" \
      | grep -E "^\| [12] " ;;

@@ -592,3 +592,8 @@ def test_kv8g_memory_variants_pass_their_env_and_knobs(tmp_path: Path, monkeypat
     assert lean[1]["trim_pools"] is True and lean[1]["stack_limit"] == 512
     with pytest.raises(KeyError):
         cli.run_parts(cli.build_parser().parse_args(argv[:-1] + ["nonsense"]), {"kv8g"}, [])
+    calls.clear()
+    results = cli.run_parts(cli.build_parser().parse_args(argv[:-1] + ["app,app-again"]), {"kv8g"}, [])
+    assert list(results) == ["kv8g_q4_p256_app", "kv8g_q4_p256_app-again"]
+    tuning = str((tmp_path / "w").resolve() / "gemm-app")
+    assert [(c[1]["app_load"], c[2]) for c in calls] == [(tuning, None), (tuning, None)]  # the app's own load

@@ -454,19 +454,29 @@ def part_kv8g(args: Mapping[str, Any]) -> dict[str, Any]:
         knobs["stack_limit"] = gpu_memory.set_stack_limit(int(args["stack_limit"]))
     start = time.perf_counter()
     with mem:
-        pipe = pipeline(str(args["dir"]), backend_config=TurbomindEngineConfig(**opts), log_level="WARNING")
-        load_s = time.perf_counter() - start
-        if args.get("trim_pools"):
-            knobs["trimmed_default_pool"] = gpu_memory.trim_default_pool()
-        info = EngineInfo(
-            name="bench-kv8g",
-            backend="turbomind",
-            model_path=str(args["dir"]),
-            model_format="awq",
-            quantization="AWQ",
-            context_len=session_len,
-        )
-        engine = TurbomindEngine(pipe, info)
+        if args.get("app_load"):  # the app's own load: lean_memory and the GEMM tuning file in app_load
+            engine = TurbomindEngine.load(
+                Path(args["dir"]), tp=1, name="bench-kv8g", check_memory=False, gemm_tuning_dir=Path(args["app_load"]),
+                extra_options={"max_prefill_token_num": opts["max_prefill_token_num"]},
+                **{k: v for k, v in opts.items() if k != "max_prefill_token_num"},
+            )
+            load_s = time.perf_counter() - start
+            knobs.update({k: engine.info.extra.get(k) for k in ("cuda_stack_limit", "trimmed_default_pool",
+                                                                 "gemm_tuning", "gemm_tuning_file")})
+        else:
+            pipe = pipeline(str(args["dir"]), backend_config=TurbomindEngineConfig(**opts), log_level="WARNING")
+            load_s = time.perf_counter() - start
+            if args.get("trim_pools"):
+                knobs["trimmed_default_pool"] = gpu_memory.trim_default_pool()
+            info = EngineInfo(
+                name="bench-kv8g",
+                backend="turbomind",
+                model_path=str(args["dir"]),
+                model_format="awq",
+                quantization="AWQ",
+                context_len=session_len,
+            )
+            engine = TurbomindEngine(pipe, info)
         after_load = mem.sample()
         load_peak = mem.peak
         cache = release_torch_cache()
