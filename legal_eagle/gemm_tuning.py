@@ -4,9 +4,10 @@ When TurboMind 0.18 creates an engine it warms up (``TurboMind::Impl::WarmUp``):
 series of token counts up to its largest forward batch, timing the candidate GEMM kernels for every
 weight shape and keeping the fastest. With ``TM_GEMM_EXPORT=<file>`` it writes what it chose at the
 end of that warm-up; with ``TM_GEMM_IMPORT=<file>`` it reads the file instead and skips the warm-up.
-Measured on an H100 (docs/benchmarks.md, target 4: a 4-bit 7B serving 8 chats of 4k tokens), reading
-the file removed the warm-up's transient from the load's peak GPU memory (8.19 -> 7.89 GiB, with the
-``gpu_memory`` steps) at the same speed.
+Measured on an H100 (docs/benchmarks.md, target 4: a 4-bit 7B serving 8 chats of 4k tokens, with the
+``gpu_memory`` steps): through ``TurbomindEngine.load`` the load's peak GPU memory was 8.43 GiB on the
+start that tuned and wrote the file and 8.11 GiB on the one that read it (load 7.6 -> 6.8 s), at the
+same speed (380 tok/s).
 
 A file is only right for the GPU, the LMDeploy build, the checkpoint's shapes and format and the
 engine options it was tuned under, so its name is a digest of all of them: anything different tunes
@@ -66,10 +67,14 @@ class Tuning:
 def tuning_key(model_dir: Path, options: Mapping[str, Any], gpu: str, lmdeploy_version: str) -> str:
     """A digest of what a tuning file depends on: GPU, LMDeploy, the checkpoint's config and options."""
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    keyed = {k: v for k, v in options.items() if k not in UNKEYED}
-    blob = json.dumps({"gpu": gpu, "lmdeploy": lmdeploy_version, "config": config, "options": keyed},
+    blob = json.dumps({"gpu": gpu, "lmdeploy": lmdeploy_version, "config": config, "options": _keyed(options)},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
+
+
+def _keyed(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options a tuning file depends on."""
+    return {k: v for k, v in options.items() if k not in UNKEYED}
 
 
 def lmdeploy_version() -> str | None:
@@ -97,12 +102,15 @@ def tuning_for_load(folder: Path | None, model_dir: Path, options: Mapping[str, 
         The ``Tuning``; after the block, ``written`` says whether an export left a file.
     """
     env = os.environ if environ is None else environ
-    gpu = gpu if gpu is not None else metrics.gpu_model(0)
-    version = version if version is not None else lmdeploy_version()
     with _env_lock:
-        if folder is None or gpu is None or version is None or any(v in env for v in HOST_VARIABLES):
+        off = folder is None or any(v in env for v in HOST_VARIABLES)
+        if not off:  # the GPU and LMDeploy are asked only when a file could be used
+            gpu = gpu if gpu is not None else metrics.gpu_model(0)
+            version = version if version is not None else lmdeploy_version()
+        if off or gpu is None or version is None:
             yield Tuning("off")
             return
+        assert folder is not None
         path = Path(folder) / f"{tuning_key(model_dir, options, gpu, version)}.cache"
         if path.is_file() and path.stat().st_size > 0:
             tuning, variable, target = Tuning("import", path), IMPORT, path
@@ -136,7 +144,7 @@ def tuning_for_load(folder: Path | None, model_dir: Path, options: Mapping[str, 
 def _describe(path: Path, model_dir: Path, options: Mapping[str, Any], gpu: str, version: str) -> None:
     """A readable note beside the tuning file: what it was tuned for."""
     note = {"model_dir": str(model_dir), "gpu": gpu, "lmdeploy": version,
-            "options": {k: v for k, v in options.items() if k not in UNKEYED}}
+            "options": _keyed(options)}
     with contextlib.suppress(OSError):
         path.with_suffix(".json").write_text(json.dumps(note, ensure_ascii=False, indent=1, default=str),
                                              encoding="utf-8")

@@ -480,21 +480,19 @@ class TurbomindEngine:
                 if kind == "end":
                     ended = True
                     break
-                if kind == "error":
-                    if text:
+                reason = None if kind == "error" else map_finish_reason(payload.finish_reason)
+                if kind == "error" or reason == "error":
+                    if text:  # what came before the failure still reaches the caller
                         yield Chunk(text=text, n_tokens=count)
-                    raise user_error(payload)
-                reason = map_finish_reason(payload.finish_reason)
-                if reason == "error":
-                    if text:
-                        yield Chunk(text=text, n_tokens=count)
+                    if kind == "error":
+                        raise user_error(payload)
                     raise EngineError(MSG_GENERATE, "TurboMind finished with finish_reason 'error'")
                 text += payload.response or ""
                 count = max(count, int(payload.generate_token_len or 0))
                 if reason is not None:
                     final = Chunk(text=text, n_tokens=count, finish_reason=reason)
                     text = ""
-            if text or count > n_tokens and final is None:
+            if text or (count > n_tokens and final is None):
                 yield Chunk(text=text, n_tokens=count)
             n_tokens = count
             if ended:
