@@ -49,6 +49,9 @@
 #   bash scripts/gpu_session.sh s15  # random 7B checkpoints meanwhile the engine tests (stream handed to TurboMind at
 #                                    # once, GEMM tuning file written then read) and the GPU reliability suite
 #   bash scripts/gpu_session.sh s16  # after s15: target 4 through TurbomindEngine.load (first and later start), serve --quick
+#   bash scripts/gpu_session.sh s17  # random 7B checkpoints meanwhile the engine tests (pool trimmed during the load);
+#                                    # then target 4's load peak: export, lean, lean-all, app, app-again, app-again-notrim
+#   bash scripts/gpu_session.sh s18  # after s17: the serve part, whole (not --quick), twice if time allows: targets 1, 2
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -233,5 +236,22 @@ s16) timeout 200 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq
    [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
      --work-dir $B --parts serve --quick --json "$L/bench_serve.json" 2>&1 | tee "$L/bench_serve.log" \
      | grep -E "^\| [12] " ;;
+s17) (timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
+     --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1; echo "make rc=$?" >> "$L/bench_make.log") &
+   timeout 120 python3 -m pytest -q -s -rs -m gpu tests/gpu/test_turbomind_engine.py -p no:cacheprovider 2>&1 \
+     | tee "$L/pytest_gpu.log" | grep -E "gemm tuning|passed|failed|Error" | tail -6
+   wait; tail -3 "$L/bench_make.log"
+   left=$((${LE_LIMIT:-575} - SECONDS))   # target 4: who holds the load's peak, and the pool trimmed during the load
+   [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
+     --work-dir $B --parts kv8g --quick --kv-policies 4 --kv-prefill 256 \
+     --kv-variants export,lean,lean-all,app,app-again,app-again-notrim --json "$L/bench_kv8g.json" \
+     --out "$L/benchmarks.md" 2>&1 | tee "$L/bench_kv8g.log" | grep -E "^\| 4 |error" | tail -8
+   [ -f "$L/benchmarks.md" ] && grep -A12 "### GPU memory" "$L/benchmarks.md" | cut -c1-400 ;;
+s18) for run in 1 2; do   # two whole runs, the second in the time the first leaves (run-to-run spread)
+     left=$((${LE_LIMIT:-575} - SECONDS)); [ $left -gt 150 ] || break
+     timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir $B \
+       --parts serve --json "$L/bench_serve$run.json" --out "$L/benchmarks_serve$run.md" 2>&1 \
+       | tee "$L/bench_serve$run.log" | grep -E "^\| [12] |error"; echo "run $run done at ${SECONDS}s"
+   done ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -419,6 +419,10 @@ def test_run_parts_order_and_awq_dir_logic(tmp_path: Path, monkeypatch: pytest.M
 def test_unknown_part_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--parts", "serve,bogus", "--model-dir", "/nonexistent"]) == 2
     assert "bogus" in capsys.readouterr().err
+    for flag in ("--tune-variants", "--kv-variants"):  # a misspelt variant stops before any GPU work
+        assert cli.main(["--parts", "kv8g", "--model-dir", "/nonexistent", flag, "app,apps-again"]) == 2
+        err = capsys.readouterr().err
+        assert "apps-again" in err and "--kv-variants" in err
 
 
 def test_help_lists_the_options() -> None:
@@ -597,3 +601,8 @@ def test_kv8g_memory_variants_pass_their_env_and_knobs(tmp_path: Path, monkeypat
     assert list(results) == ["kv8g_q4_p256_app", "kv8g_q4_p256_app-again"]
     tuning = str((tmp_path / "w").resolve() / "gemm-app")
     assert [(c[1]["app_load"], c[2]) for c in calls] == [(tuning, None), (tuning, None)]  # the app's own load
+    calls.clear()
+    cli.run_parts(cli.build_parser().parse_args(argv[:-1] + ["app-again-notrim,lean-all"]), {"kv8g"}, [])
+    notrim, lean_all = calls
+    assert notrim[1]["app_load"] == tuning and notrim[1]["trim_during_load"] is False
+    assert lean_all[1]["cache_generation"] == "all" and lean_all[2] == {"TM_GEMM_IMPORT": cache}

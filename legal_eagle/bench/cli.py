@@ -48,6 +48,11 @@ KV_VARIANTS: dict[str, dict[str, Any]] = {
     # the two runs writes into {work}/gemm-app (tuning) and the second reads (no warm-up): a first and a later start.
     "app": {"app_load": "{work}/gemm-app"},
     "app-again": {"app_load": "{work}/gemm-app"},
+    # A later start without the pool trimmed during the load (TurbomindEngine.load(trim_during_load=False)).
+    "app-again-notrim": {"app_load": "{work}/gemm-app", "trim_during_load": False},
+    # `lean` with the app's cache_generation "all" (the prefix cache also indexes a partly filled last block).
+    "lean-all": {"env": {"TM_GEMM_IMPORT": "{work}/gemm-kv8g.cache"}, "trim_pools": True, "stack_limit": 512,
+                 "cache_generation": "all"},
 }
 TUNE_VARIANTS: dict[str, dict[str, Any]] = {
     "app-default": {},
@@ -440,9 +445,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - set(ALL_PARTS)
-    if unknown or not set(args.tune_variants.split(",")) <= set(TUNE_VARIANTS):
+    unknown |= set(args.tune_variants.split(",")) - set(TUNE_VARIANTS)
+    unknown |= set(args.kv_variants.split(",")) - set(KV_VARIANTS)
+    if unknown:
         print(
-            f"unknown part or variant: {sorted(unknown)}; parts {ALL_PARTS}, variants {list(TUNE_VARIANTS)}",
+            f"unknown part or variant: {sorted(unknown)}; parts {ALL_PARTS}, --tune-variants {list(TUNE_VARIANTS)}, "
+            f"--kv-variants {list(KV_VARIANTS)}",
             file=sys.stderr,
         )
         return 2

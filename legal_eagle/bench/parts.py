@@ -106,6 +106,20 @@ def torch_reserved() -> int | None:
     return int(torch.cuda.memory_reserved()) if torch.cuda.is_initialized() else None
 
 
+def load_peak_holders() -> dict[str, int | None]:
+    """Who held GPU memory at the load's peak, by their own high-water marks (sampling misses short
+    peaks; these do not): the device's default memory pool (TurboMind's weights and temporaries) and
+    torch's caching allocator (LMDeploy reads the checkpoint through torch)."""
+    import torch
+
+    pool = gpu_memory.pool_stats()
+    return {
+        "pool_reserved_high_bytes": pool["reserved_high"] if pool else None,
+        "pool_used_high_bytes": pool["used_high"] if pool else None,
+        "torch_reserved_high_bytes": int(torch.cuda.max_memory_reserved()) if torch.cuda.is_initialized() else None,
+    }
+
+
 def release_torch_cache() -> dict[str, Any]:
     """Hand torch's cached CUDA blocks back (LMDeploy loads weights through torch); what was held."""
     import torch
@@ -442,6 +456,8 @@ def part_kv8g(args: Mapping[str, Any]) -> dict[str, Any]:
         "enable_prefix_caching": True,
         "max_prefill_token_num": int(args.get("max_prefill_token_num", 4096)),
     }
+    if args.get("cache_generation"):
+        opts["cache_generation"] = str(args["cache_generation"])
     baseline = metrics.gpu_used_total()
     mem = PeakMemory(baseline)
     context = cuda_context_bytes(mem)
@@ -458,11 +474,13 @@ def part_kv8g(args: Mapping[str, Any]) -> dict[str, Any]:
             engine = TurbomindEngine.load(
                 Path(args["dir"]), tp=1, name="bench-kv8g", check_memory=False, gemm_tuning_dir=Path(args["app_load"]),
                 extra_options={"max_prefill_token_num": opts["max_prefill_token_num"]},
+                trim_during_load=bool(args.get("trim_during_load", True)),
                 **{k: v for k, v in opts.items() if k != "max_prefill_token_num"},
             )
             load_s = time.perf_counter() - start
             knobs.update({k: engine.info.extra.get(k) for k in ("cuda_stack_limit", "trimmed_default_pool",
-                                                                 "gemm_tuning", "gemm_tuning_file")})
+                                                                 "trim_during_load", "gemm_tuning",
+                                                                 "gemm_tuning_file", "cache_generation")})
         else:
             pipe = pipeline(str(args["dir"]), backend_config=TurbomindEngineConfig(**opts), log_level="WARNING")
             load_s = time.perf_counter() - start
@@ -479,6 +497,7 @@ def part_kv8g(args: Mapping[str, Any]) -> dict[str, Any]:
             engine = TurbomindEngine(pipe, info)
         after_load = mem.sample()
         load_peak = mem.peak
+        holders = load_peak_holders()
         cache = release_torch_cache()
         after_release = mem.sample()
         mem.peak = after_release  # from here on: the serving peak
@@ -500,6 +519,7 @@ def part_kv8g(args: Mapping[str, Any]) -> dict[str, Any]:
         "serving_peak_bytes": mem.peak,
         "peak_bytes": max((v for v in (load_peak, mem.peak) if v is not None), default=None),
         "memory_source": mem.source,
+        **holders,
         "cuda_context_bytes": context,
         "weights_bytes": weights_bytes(Path(args["dir"])),
         **cache,
