@@ -10,10 +10,12 @@ Measured on an H100 80GB (docs/benchmarks.md, target 4: a 4-bit 7B serving 8 cha
 - **The default memory pool.** TurboMind keeps the weights in the device's default stream-ordered
   pool, whose release threshold keeps what the load freed (the weights' repacking temporaries)
   reserved. Trimming it after the load handed back 0.4-0.9 GiB (serving 8.17 -> 7.67 GiB).
-- **The same pool during the load.** What the load frees stays reserved until the pool is trimmed, so
-  a trim after the load leaves the load's own peak as it was. ``trimming`` trims the pool every
-  50 ms while the load runs (``cudaMemPoolTrimTo`` hands back only memory that no allocation uses).
-  ``pool_stats`` reads the pool's high-water mark, which shows what the pool held at the peak.
+- **What the load's peak is made of** (``pool_stats``: the pool's own high-water marks, which NVML
+  sampling can miss). In use at most 5.91 GiB of the pool in every variant measured, reserved 6.03
+  or 6.19 GiB; trimming the pool every 50 ms during the load (tried on the H100, tenth session) left
+  both as they were, since a trim can only hand back memory no allocation uses. The rest of the
+  load's peak is outside the pool: the CUDA context (0.60 GiB) and torch's cache, which reached
+  2.13 GiB while LMDeploy read the checkpoint.
 
 All are best effort: where the CUDA 12 runtime that TurboMind links cannot be found or refuses, the
 engine loads as before, and the result says so.
@@ -23,10 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -93,51 +91,3 @@ def pool_stats(device: int = 0, rt: Any | None = None) -> dict[str, int] | None:
             return None
         stats[name] = int(value.value)
     return stats
-
-
-@dataclass
-class TrimLoop:
-    """What ``trimming`` did: ``trims`` calls per device pool, ``error`` the first refusal (it then stops)."""
-
-    devices: list[int] = field(default_factory=list)
-    trims: int = 0
-    error: str | None = None
-
-    def describe(self) -> str:
-        """For ``info.extra``: off, how many trims, or why it stopped."""
-        if not self.devices:
-            return "off"
-        return f"{self.trims} trims" + (f", stopped: {self.error}" if self.error else "")
-
-
-@contextmanager
-def trimming(devices: Iterable[int] = (0,), interval_s: float = 0.05, rt: Any | None = None) -> Iterator[TrimLoop]:
-    """Trim the default pool of each of ``devices`` every ``interval_s`` while the block runs (a thread).
-
-    Memory an allocation still uses is never handed back, so this is safe next to the work that
-    allocates; the block's own peak then holds only what is in use. Without the runtime: a no-op.
-    """
-    if interval_s <= 0:
-        raise ValueError("interval_s must be positive")
-    rt = rt if rt is not None else cudart()
-    pools = [(d, _default_pool(rt, d)) for d in devices] if rt is not None else []
-    loop = TrimLoop(devices=[d for d, pool in pools if pool is not None])
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.wait(interval_s):
-            for device, pool in pools:
-                if pool is not None and rt.cudaMemPoolTrimTo(pool, ctypes.c_size_t(0)) != 0:
-                    loop.error = f"cudaMemPoolTrimTo refused on GPU {device}"
-                    return
-            loop.trims += 1
-
-    thread = threading.Thread(target=run, name="gpu-pool-trim", daemon=True) if loop.devices else None
-    if thread is not None:
-        thread.start()
-    try:
-        yield loop
-    finally:
-        stop.set()
-        if thread is not None:
-            thread.join()

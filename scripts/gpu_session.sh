@@ -50,8 +50,10 @@
 #                                    # once, GEMM tuning file written then read) and the GPU reliability suite
 #   bash scripts/gpu_session.sh s16  # after s15: target 4 through TurbomindEngine.load (first and later start), serve --quick
 #   bash scripts/gpu_session.sh s17  # random 7B checkpoints meanwhile the engine tests (pool trimmed during the load);
-#                                    # then target 4's load peak: export, lean, lean-all, app, app-again, app-again-notrim
-#   bash scripts/gpu_session.sh s18  # after s17: the serve part, whole (not --quick), twice if time allows: targets 1, 2
+#                                    # then target 4's load peak: export, lean, lean-all, app, app-again (the tenth
+#                                    # session ran it at c5ef7f0 with app-again-notrim too: the pool trimmed in the load)
+#   bash scripts/gpu_session.sh s18  # random 7B if missing; target 4: export, lean, lean-nocache (torch's cache off);
+#                                    # then the serve part, whole (not --quick), twice if time allows: targets 1, 2
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -244,10 +246,17 @@ s17) (timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $
    left=$((${LE_LIMIT:-575} - SECONDS))   # target 4: who holds the load's peak, and the pool trimmed during the load
    [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
      --work-dir $B --parts kv8g --quick --kv-policies 4 --kv-prefill 256 \
-     --kv-variants export,lean,lean-all,app,app-again,app-again-notrim --json "$L/bench_kv8g.json" \
+     --kv-variants export,lean,lean-all,app,app-again --json "$L/bench_kv8g.json" \
      --out "$L/benchmarks.md" 2>&1 | tee "$L/bench_kv8g.log" | grep -E "^\| 4 |error" | tail -8
    [ -f "$L/benchmarks.md" ] && grep -A12 "### GPU memory" "$L/benchmarks.md" | cut -c1-400 ;;
-s18) for run in 1 2; do   # two whole runs, the second in the time the first leaves (run-to-run spread)
+s18) [ -f $B/awq/config.json ] || timeout 240 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B \
+     --awq-dir $B/awq --parts warm --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1
+   tail -2 "$L/bench_make.log" 2>/dev/null
+   timeout 150 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir $B --parts kv8g --quick \
+     --kv-policies 4 --kv-prefill 256 --kv-variants export,lean,lean-nocache --json "$L/bench_kv8g.json" \
+     --out "$L/benchmarks_kv8g.md" 2>&1 | tee "$L/bench_kv8g.log" | grep -E "error" | tail -4
+   [ -f "$L/benchmarks_kv8g.md" ] && grep -A6 "### GPU memory" "$L/benchmarks_kv8g.md" | cut -c1-330
+   for run in 1 2; do   # two whole runs, the second in the time the first leaves (run-to-run spread)
      left=$((${LE_LIMIT:-575} - SECONDS)); [ $left -gt 150 ] || break
      timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir $B \
        --parts serve --json "$L/bench_serve$run.json" --out "$L/benchmarks_serve$run.md" 2>&1 \

@@ -602,7 +602,8 @@ def test_kv8g_memory_variants_pass_their_env_and_knobs(tmp_path: Path, monkeypat
     tuning = str((tmp_path / "w").resolve() / "gemm-app")
     assert [(c[1]["app_load"], c[2]) for c in calls] == [(tuning, None), (tuning, None)]  # the app's own load
     calls.clear()
-    cli.run_parts(cli.build_parser().parse_args(argv[:-1] + ["app-again-notrim,lean-all"]), {"kv8g"}, [])
-    notrim, lean_all = calls
-    assert notrim[1]["app_load"] == tuning and notrim[1]["trim_during_load"] is False
+    cli.run_parts(cli.build_parser().parse_args(argv[:-1] + ["lean-all,lean-nocache"]), {"kv8g"}, [])
+    lean_all, nocache = calls
     assert lean_all[1]["cache_generation"] == "all" and lean_all[2] == {"TM_GEMM_IMPORT": cache}
+    assert nocache[2] == {"TM_GEMM_IMPORT": cache, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    assert nocache[1]["env"] == nocache[2] and nocache[1]["trim_pools"] is True

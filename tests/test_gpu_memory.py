@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-import threading
-import time
 from typing import Any
-
-import pytest
 
 from legal_eagle import gpu_memory
 
@@ -88,9 +84,6 @@ def test_no_runtime_means_nothing_done() -> None:
         assert gpu_memory.set_stack_limit() is None
         assert gpu_memory.trim_default_pool() is False
         assert gpu_memory.pool_stats() is None
-        with gpu_memory.trimming([0]) as loop:
-            pass
-        assert loop.describe() == "off"
 
 
 def test_pool_stats_reads_the_pools_current_and_high_water_marks() -> None:
@@ -100,48 +93,3 @@ def test_pool_stats_reads_the_pools_current_and_high_water_marks() -> None:
     assert rt.calls == [("pool", 3)]  # the device asked for, not the current one
     assert gpu_memory.pool_stats(rt=ScriptedRuntime("cudaMemPoolGetAttribute")) is None
     assert gpu_memory.pool_stats(rt=ScriptedRuntime("cudaDeviceGetDefaultMemPool")) is None
-
-
-def wait_for(condition: Any, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
-def test_trimming_trims_each_devices_pool_without_syncing_until_the_block_ends() -> None:
-    rt = ScriptedRuntime()
-    with gpu_memory.trimming([0, 1], interval_s=0.01, rt=rt) as loop:
-        assert wait_for(lambda: loop.trims >= 3)
-        assert any(t.name == "gpu-pool-trim" for t in threading.enumerate())
-    done = loop.trims
-    time.sleep(0.05)
-    assert loop.trims == done and not any(t.name == "gpu-pool-trim" for t in threading.enumerate())
-    trims = [arg for name, arg in rt.calls if name == "trim"]
-    assert len(trims) >= 2 * done and set(trims) == {(0x1234, 0)}
-    assert ("sync", None) not in rt.calls  # a sync would wait for the load's own work on the GPU
-    assert [arg for name, arg in rt.calls if name == "pool"] == [0, 1]
-    assert loop.describe() == f"{done} trims" and loop.error is None
-
-
-def test_trimming_stops_at_the_first_refusal_and_says_so() -> None:
-    rt = ScriptedRuntime("cudaMemPoolTrimTo")
-    with gpu_memory.trimming([0], interval_s=0.01, rt=rt) as loop:
-        assert wait_for(lambda: loop.error is not None)
-        time.sleep(0.05)
-    assert sum(name == "trim" for name, _ in rt.calls) == 1 and loop.trims == 0
-    assert loop.describe() == "0 trims, stopped: cudaMemPoolTrimTo refused on GPU 0"
-
-
-def test_trimming_is_a_no_op_without_devices_or_a_pool_and_checks_its_interval() -> None:
-    with gpu_memory.trimming([], rt=ScriptedRuntime()) as loop:
-        pass
-    assert loop.describe() == "off"
-    rt = ScriptedRuntime("cudaDeviceGetDefaultMemPool")
-    with gpu_memory.trimming([0], interval_s=0.01, rt=rt) as loop:
-        time.sleep(0.05)
-    assert loop.describe() == "off" and not any(name == "trim" for name, _ in rt.calls)
-    with pytest.raises(ValueError), gpu_memory.trimming([0], interval_s=0, rt=ScriptedRuntime()):
-        pass

@@ -474,12 +474,10 @@ def part_kv8g(args: Mapping[str, Any]) -> dict[str, Any]:
             engine = TurbomindEngine.load(
                 Path(args["dir"]), tp=1, name="bench-kv8g", check_memory=False, gemm_tuning_dir=Path(args["app_load"]),
                 extra_options={"max_prefill_token_num": opts["max_prefill_token_num"]},
-                trim_during_load=bool(args.get("trim_during_load", True)),
                 **{k: v for k, v in opts.items() if k != "max_prefill_token_num"},
             )
             load_s = time.perf_counter() - start
-            knobs.update({k: engine.info.extra.get(k) for k in ("cuda_stack_limit", "trimmed_default_pool",
-                                                                 "trim_during_load", "gemm_tuning",
+            knobs.update({k: engine.info.extra.get(k) for k in ("cuda_stack_limit", "trimmed_default_pool", "gemm_tuning",
                                                                  "gemm_tuning_file", "cache_generation")})
         else:
             pipe = pipeline(str(args["dir"]), backend_config=TurbomindEngineConfig(**opts), log_level="WARNING")

@@ -317,7 +317,7 @@ class TurbomindEngine:
              enable_prefix_caching: bool = True, cache_generation: str = "all", name: str = "turbomind",
              log_level: str = "WARNING", check_memory: bool = True,
              extra_options: Mapping[str, Any] | None = None, lean_memory: bool = True,
-             trim_during_load: bool = True, gemm_tuning_dir: Path | None = None) -> TurbomindEngine:
+             gemm_tuning_dir: Path | None = None) -> TurbomindEngine:
         """Load a checkpoint into TurboMind in this process.
 
         Args:
@@ -343,9 +343,6 @@ class TurbomindEngine:
             lean_memory: hand back GPU memory TurboMind holds unused (``gpu_memory``: a 512-byte CUDA
                 stack limit before the load, the default pool trimmed after it); best effort, and
                 what was done is in ``info.extra``.
-            trim_during_load: with ``lean_memory``, also trim the default pool every 50 ms while
-                TurboMind loads (``gpu_memory.trimming``), so that the load's peak holds only
-                memory in use.
             gemm_tuning_dir: where TurboMind's GEMM tuning is kept per GPU, LMDeploy, checkpoint and
                 options (``gemm_tuning``): the first load tunes and writes it, later ones read it
                 and skip the warm-up; None tunes on every load.
@@ -391,9 +388,8 @@ class TurbomindEngine:
         stack = gpu_memory.set_stack_limit() if lean_memory else None
         start = time.perf_counter()
         try:
-            devices = list(getattr(config, "devices", None) or range(tp)) if lean_memory and trim_during_load else []
             with gemm_tuning.tuning_for_load(gemm_tuning_dir, model_dir, {**options, "model_format": model_format}
-                                             ) as tuning, gpu_memory.trimming(devices) as trim_loop:
+                                             ) as tuning:
                 pipe = pipeline(str(model_dir), backend_config=config, log_level=log_level)
         except SystemExit as exc:  # LMDeploy ends the process on some load failures
             raise EngineError(MSG_LOAD, f"lmdeploy.pipeline raised SystemExit({exc.code})") from exc
@@ -414,7 +410,6 @@ class TurbomindEngine:
                    "cache_generation": options.get("cache_generation", "none"), **dict(extra_options or {}),
                    "devices": list(getattr(backend, "devices", None) or range(tp)), "dtype": dtype,
                    "load_s": round(load_s, 2), "cuda_stack_limit": stack, "trimmed_default_pool": trimmed,
-                   "trim_during_load": trim_loop.describe(),
                    "gemm_tuning": tuning.describe(), "gemm_tuning_file": str(tuning.path) if tuning.path else None},
         )
         engine = cls(pipe, info, baseline_gpu_used=baseline)
