@@ -477,8 +477,8 @@ def part_kv8g(args: Mapping[str, Any]) -> dict[str, Any]:
                 **{k: v for k, v in opts.items() if k != "max_prefill_token_num"},
             )
             load_s = time.perf_counter() - start
-            knobs.update({k: engine.info.extra.get(k) for k in ("cuda_stack_limit", "trimmed_default_pool",
-                                                                 "gemm_tuning", "gemm_tuning_file", "cache_generation")})
+            kept = ("cuda_stack_limit", "trimmed_default_pool", "gemm_tuning", "gemm_tuning_file", "cache_generation")
+            knobs.update({k: engine.info.extra.get(k) for k in kept})
         else:
             pipe = pipeline(str(args["dir"]), backend_config=TurbomindEngineConfig(**opts), log_level="WARNING")
             load_s = time.perf_counter() - start
