@@ -52,8 +52,8 @@
 #   bash scripts/gpu_session.sh s17  # random 7B checkpoints meanwhile the engine tests (pool trimmed during the load);
 #                                    # then target 4's load peak: export, lean, lean-all, app, app-again (the tenth
 #                                    # session ran it at c5ef7f0 with app-again-notrim too: the pool trimmed in the load)
-#   bash scripts/gpu_session.sh s18  # random 7B if missing; target 4: export, lean, lean-nocache (torch's cache off);
-#                                    # then the serve part, whole (not --quick), twice if time allows: targets 1, 2
+#   bash scripts/gpu_session.sh s18  # random 7B if missing; the serve part, whole (not --quick): targets 1, 2; then in
+#                                    # the time left target 4's export, lean, lean-nocache (torch's cache off), serve again
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -252,15 +252,18 @@ s17) (timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $
 s18) [ -f $B/awq/config.json ] || timeout 240 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B \
      --awq-dir $B/awq --parts warm --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1
    tail -2 "$L/bench_make.log" 2>/dev/null
-   timeout 150 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir $B --parts kv8g --quick \
-     --kv-policies 4 --kv-prefill 256 --kv-variants export,lean,lean-nocache --json "$L/bench_kv8g.json" \
-     --out "$L/benchmarks_kv8g.md" 2>&1 | tee "$L/bench_kv8g.log" | grep -E "error" | tail -4
-   [ -f "$L/benchmarks_kv8g.md" ] && grep -A6 "### GPU memory" "$L/benchmarks_kv8g.md" | cut -c1-330
-   for run in 1 2; do   # two whole runs, the second in the time the first leaves (run-to-run spread)
-     left=$((${LE_LIMIT:-575} - SECONDS)); [ $left -gt 150 ] || break
+   serve() {   # one whole serve run (targets 1 and 2), when the time left allows it
+     left=$((${LE_LIMIT:-575} - SECONDS)); [ $left -gt 150 ] || return 0
      timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir $B \
-       --parts serve --json "$L/bench_serve$run.json" --out "$L/benchmarks_serve$run.md" 2>&1 \
-       | tee "$L/bench_serve$run.log" | grep -E "^\| [12] |error"; echo "run $run done at ${SECONDS}s"
-   done ;;
+       --parts serve --json "$L/bench_serve$1.json" --out "$L/benchmarks_serve$1.md" 2>&1 \
+       | tee "$L/bench_serve$1.log" | grep -E "^\| [12] |error"; echo "serve run $1 done at ${SECONDS}s"
+   }
+   serve 1
+   left=$((${LE_LIMIT:-575} - SECONDS))
+   [ $left -gt 110 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
+     --work-dir $B --parts kv8g --quick --kv-policies 4 --kv-prefill 256 --kv-variants export,lean,lean-nocache \
+     --json "$L/bench_kv8g.json" --out "$L/benchmarks_kv8g.md" 2>&1 | tee "$L/bench_kv8g.log" | grep -E "error" | tail -4
+   [ -f "$L/benchmarks_kv8g.md" ] && grep -A6 "### GPU memory" "$L/benchmarks_kv8g.md" | cut -c1-330
+   serve 2 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
