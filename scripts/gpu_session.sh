@@ -54,6 +54,7 @@
 #                                    # session ran it at c5ef7f0 with app-again-notrim too: the pool trimmed in the load)
 #   bash scripts/gpu_session.sh s18  # random 7B if missing; the serve part, whole (not --quick): targets 1, 2; then in
 #                                    # the time left target 4's export, lean, lean-nocache (torch's cache off), serve again
+#                                    # (LE_SERVE_QUICK=1: the serve runs with --quick)
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -255,7 +256,7 @@ s18) [ -f $B/awq/config.json ] || timeout 240 python3 -m legal_eagle.bench --mak
    serve() {   # one whole serve run (targets 1 and 2), when the time left allows it
      left=$((${LE_LIMIT:-575} - SECONDS)); [ $left -gt 150 ] || return 0
      timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir $B \
-       --parts serve --json "$L/bench_serve$1.json" --out "$L/benchmarks_serve$1.md" 2>&1 \
+       --parts serve ${LE_SERVE_QUICK:+--quick} --json "$L/bench_serve$1.json" --out "$L/benchmarks_serve$1.md" 2>&1 \
        | tee "$L/bench_serve$1.log" | grep -E "^\| [12] |error"; echo "serve run $1 done at ${SECONDS}s"
    }
    serve 1
