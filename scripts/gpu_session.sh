@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU proof session, cut into steps that each fit one 10-minute device call.
-# On the GPU machine, from the repo root, after `bash .gpu/install.sh` (../shared/gpu/README.md), staged with
+# On the GPU machine, from the repo root, after `bash .gpu/install.sh` (../shared/gpu/README.md; stage every piece
+# with `mkdir -p /root/gpu-stage && cp .gpu/pNN /root/gpu-stage/`: any call may be the one that starts a machine), staged with
 #   ../shared/gpu/prepare.sh gradio==6.31.0 modelscope==1.40.2 openai openai_harmony
 #   pip download --no-deps -d .gpu/extra sniffio      # and carry ".gpu/extra" with the last piece
 #   (the PyTorch-engine tune variants need pyzmq, which the GPU venv lacks:
