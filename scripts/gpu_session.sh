@@ -80,6 +80,16 @@ reliability() {
     | grep -E "RELIABILITY|LOST|GPU |STACKS|STOP |KV |^Thread 0x|File \"|^  [a-z_]+\.py|passed|failed" \
     | cut -c1-1500 | tail -90
 }
+# The random 7B (fp16 InternLM2, its Llama conversion, a data-free AWQ copy) in $B: random7b SECONDS; "make rc=" logged.
+random7b() {
+  timeout "$1" python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
+    --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1; echo "make rc=$?" >> "$L/bench_make.log"
+}
+# The TurboMind engine tests (tiny checkpoints), their key lines printed.
+engine_tests() {
+  timeout 120 python3 -m pytest -q -s -rs -m gpu tests/gpu/test_turbomind_engine.py -p no:cacheprovider 2>&1 \
+    | tee "$L/pytest_gpu.log" | grep -E "gemm tuning|passed|failed|Error" | tail -6
+}
 case $step in
 a) timeout 330 python3 -m pytest -q -rs -m "gpu and not slow" tests/gpu -p no:cacheprovider -o timeout=300 2>&1 \
      | tee "$L/pytest_gpu.log" | tail -25 ;;
@@ -227,10 +237,8 @@ s14) timeout 90 python3 -m pytest -q -rs -m gpu tests/gpu/test_turbomind_engine.
    [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
      --work-dir $B --parts serve --quick --json "$L/bench_serve.json" 2>&1 | tee "$L/bench_serve.log" \
      | grep -E "^\| [12] " ;;
-s15) (timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
-     --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1; echo "make rc=$?" >> "$L/bench_make.log") &
-   timeout 120 python3 -m pytest -q -s -rs -m gpu tests/gpu/test_turbomind_engine.py -p no:cacheprovider 2>&1 \
-     | tee "$L/pytest_gpu.log" | grep -E "gemm tuning|passed|failed|Error" | tail -6   # eager stream, tuning file
+s15) random7b 300 &
+   engine_tests   # eager stream, tuning file
    reliability $((${LE_LIMIT:-575} - SECONDS - 20))   # Stop four ways through the app (the stream starts eagerly)
    wait; tail -3 "$L/bench_make.log" ;;
 s16) timeout 200 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq --work-dir $B --parts kv8g --quick \
@@ -240,10 +248,8 @@ s16) timeout 200 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq
    [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
      --work-dir $B --parts serve --quick --json "$L/bench_serve.json" 2>&1 | tee "$L/bench_serve.log" \
      | grep -E "^\| [12] " ;;
-s17) (timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B --awq-dir $B/awq --parts warm \
-     --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1; echo "make rc=$?" >> "$L/bench_make.log") &
-   timeout 120 python3 -m pytest -q -s -rs -m gpu tests/gpu/test_turbomind_engine.py -p no:cacheprovider 2>&1 \
-     | tee "$L/pytest_gpu.log" | grep -E "gemm tuning|passed|failed|Error" | tail -6
+s17) random7b 300 &
+   engine_tests
    wait; tail -3 "$L/bench_make.log"
    left=$((${LE_LIMIT:-575} - SECONDS))   # target 4: who holds the load's peak, and the pool trimmed during the load
    [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
@@ -251,8 +257,7 @@ s17) (timeout 300 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $
      --kv-variants export,lean,lean-all,app,app-again --json "$L/bench_kv8g.json" \
      --out "$L/benchmarks.md" 2>&1 | tee "$L/bench_kv8g.log" | grep -E "^\| 4 |error" | tail -8
    [ -f "$L/benchmarks.md" ] && grep -A12 "### GPU memory" "$L/benchmarks.md" | cut -c1-400 ;;
-s18) [ -f $B/awq/config.json ] || timeout 240 python3 -m legal_eagle.bench --make-random-7b $R7 --work-dir $B \
-     --awq-dir $B/awq --parts warm --json "$L/bench_make.json" > "$L/bench_make.log" 2>&1
+s18) [ -f $B/awq/config.json ] || random7b 240
    tail -2 "$L/bench_make.log" 2>/dev/null
    serve() {   # one whole serve run (targets 1 and 2), when the time left allows it
      left=$((${LE_LIMIT:-575} - SECONDS)); [ $left -gt 150 ] || return 0

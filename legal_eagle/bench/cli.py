@@ -36,6 +36,7 @@ _FULL_SEARCH = "top_k=0,clusters=0,min_iter=2,max_iter=10,max_time=0.5"
 # (tuning runs, an L2-flush buffer, the kernels it tries) when it reads one with TM_GEMM_IMPORT; "trim" hands the
 # free part of the device's default memory pool back after the load (the weights' repacking temporaries);
 # "stack512" lowers the per-thread CUDA stack (local memory is reserved as stack x resident threads) before it.
+_LEAN: dict[str, Any] = {"env": {"TM_GEMM_IMPORT": "{work}/gemm-kv8g.cache"}, "trim_pools": True, "stack_limit": 512}
 KV_VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "export": {"env": {"TM_GEMM_EXPORT": "{work}/gemm-kv8g.cache", "TM_LOG_LEVEL": "INFO"}},
@@ -43,18 +44,16 @@ KV_VARIANTS: dict[str, dict[str, Any]] = {
     "trim": {"trim_pools": True},
     "stack512": {"stack_limit": 512},
     "app-lean": {"trim_pools": True, "stack_limit": 512},  # what TurbomindEngine.load does (lean_memory)
-    "lean": {"env": {"TM_GEMM_IMPORT": "{work}/gemm-kv8g.cache"}, "trim_pools": True, "stack_limit": 512},
+    "lean": _LEAN,
     # TurbomindEngine.load itself, as the app calls it: lean_memory and its GEMM tuning file, which the first of
     # the two runs writes into {work}/gemm-app (tuning) and the second reads (no warm-up): a first and a later start.
     "app": {"app_load": "{work}/gemm-app"},
     "app-again": {"app_load": "{work}/gemm-app"},
     # `lean` with the app's cache_generation "all" (the prefix cache also indexes a partly filled last block).
-    "lean-all": {"env": {"TM_GEMM_IMPORT": "{work}/gemm-kv8g.cache"}, "trim_pools": True, "stack_limit": 512,
-                 "cache_generation": "all"},
+    "lean-all": {**_LEAN, "cache_generation": "all"},
     # `lean` with torch's caching allocator off (every free goes back to CUDA): does torch's cache, 2.13 GiB at most
     # while LMDeploy reads the checkpoint, make the load's peak?
-    "lean-nocache": {"env": {"TM_GEMM_IMPORT": "{work}/gemm-kv8g.cache", "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
-                     "trim_pools": True, "stack_limit": 512},
+    "lean-nocache": {**_LEAN, "env": {**_LEAN["env"], "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}},
 }
 TUNE_VARIANTS: dict[str, dict[str, Any]] = {
     "app-default": {},
