@@ -4,10 +4,11 @@ When TurboMind 0.18 creates an engine it warms up (``TurboMind::Impl::WarmUp``):
 series of token counts up to its largest forward batch, timing the candidate GEMM kernels for every
 weight shape and keeping the fastest. With ``TM_GEMM_EXPORT=<file>`` it writes what it chose at the
 end of that warm-up; with ``TM_GEMM_IMPORT=<file>`` it reads the file instead and skips the warm-up.
-Measured on an H100 (docs/benchmarks.md, target 4: a 4-bit 7B serving 8 chats of 4k tokens, with the
-``gpu_memory`` steps): through ``TurbomindEngine.load`` the load's peak GPU memory was 8.43 GiB on the
-start that tuned and wrote the file and 8.11 GiB on the one that read it (load 7.6 -> 6.8 s), at the
-same speed (380 tok/s).
+Measured on an H100 (docs/benchmarks.md, target 4: a 4-bit 7B serving 8 chats of 4k tokens, through
+``TurbomindEngine.load``): a start that read the file loaded in 6.8-7.1 s against 7.6-8.3 s for one
+that tuned and wrote it, at the same speed (380 tok/s). The load's peak GPU memory was 8.03-8.43 GiB
+when tuning and 7.95-8.11 GiB when reading; that spread comes from what the memory pool reserves,
+not from the file (tenth session).
 
 A file is only right for the GPU, the LMDeploy build, the checkpoint's shapes and format and the
 engine options it was tuned under, so its name is a digest of all of them: anything different tunes
