@@ -14,8 +14,10 @@ Measured on an H100 80GB (docs/benchmarks.md, target 4: a 4-bit 7B serving 8 cha
   sampling can miss). In use at most 5.91 GiB of the pool in every variant measured, reserved 6.03
   or 6.19 GiB; trimming the pool every 50 ms during the load (tried on the H100, tenth session) left
   both as they were, since a trim can only hand back memory no allocation uses. The rest of the
-  load's peak is outside the pool: the CUDA context (0.60 GiB) and torch's cache, which reached
-  2.13 GiB while LMDeploy read the checkpoint.
+  load's peak is outside the pool: the CUDA context (0.60 GiB) and about 1.26 GiB more. torch's
+  cache, which reached 2.13 GiB while LMDeploy read the checkpoint, is not that: with it off
+  (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``, H200, eleventh session) the peak less the pool's
+  reservation was the same to the byte.
 
 All are best effort: where the CUDA 12 runtime that TurboMind links cannot be found or refuses, the
 engine loads as before, and the result says so.
