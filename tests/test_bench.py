@@ -607,3 +607,7 @@ def test_kv8g_memory_variants_pass_their_env_and_knobs(tmp_path: Path, monkeypat
     assert lean_all[1]["cache_generation"] == "all" and lean_all[2] == {"TM_GEMM_IMPORT": cache}
     assert nocache[2] == {"TM_GEMM_IMPORT": cache, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
     assert nocache[1]["env"] == nocache[2] and nocache[1]["trim_pools"] is True
+    calls.clear()
+    cli.run_parts(cli.build_parser().parse_args(argv[:-1] + ["lean-chunk"]), {"kv8g"}, [])
+    (chunk,) = calls
+    assert chunk[1]["cache_chunk_size"] == 64 and chunk[2] == {"TM_GEMM_IMPORT": cache}

@@ -55,6 +55,9 @@ KV_VARIANTS: dict[str, dict[str, Any]] = {
     # while LMDeploy reads the checkpoint, make the load's peak? No (H200, 2026-12-06): the peak less the pool's
     # reservation was 1,994 MB with and without it; the peaks differed only by what the pool reserved.
     "lean-nocache": {**_LEAN, "env": {**_LEAN["env"], "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}},
+    # `lean` with TurboMind's KV cache taken in chunks of 64 blocks as chats need them (cache_chunk_size; -1, the
+    # default, takes it all at the load): does the load's peak then stay below serving's?
+    "lean-chunk": {**_LEAN, "cache_chunk_size": 64},
 }
 TUNE_VARIANTS: dict[str, dict[str, Any]] = {
     "app-default": {},

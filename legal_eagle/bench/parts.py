@@ -458,6 +458,8 @@ def part_kv8g(args: Mapping[str, Any]) -> dict[str, Any]:
     }
     if args.get("cache_generation"):
         opts["cache_generation"] = str(args["cache_generation"])
+    if args.get("cache_chunk_size"):
+        opts["cache_chunk_size"] = int(args["cache_chunk_size"])
     baseline = metrics.gpu_used_total()
     mem = PeakMemory(baseline)
     context = cuda_context_bytes(mem)
