@@ -56,6 +56,7 @@
 #   bash scripts/gpu_session.sh s18  # random 7B if missing; the serve part, whole (not --quick): targets 1, 2; then in
 #                                    # the time left target 4's export, lean, lean-nocache (torch's cache off), serve again
 #                                    # (LE_SERVE_QUICK=1: the serve runs with --quick; LE_KV_VARIANTS: other kv8g variants)
+#                                    # (LE_SERVE_FIRST=0: no serve run before the kv8g variants)
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -265,7 +266,7 @@ s18) [ -f $B/awq/config.json ] || random7b 240
        --parts serve ${LE_SERVE_QUICK:+--quick} --json "$L/bench_serve$1.json" --out "$L/benchmarks_serve$1.md" 2>&1 \
        | tee "$L/bench_serve$1.log" | grep -E "^\| [12] |error"; echo "serve run $1 done at ${SECONDS}s"
    }
-   serve 1
+   [ "${LE_SERVE_FIRST:-1}" = 1 ] && serve 1   # LE_SERVE_FIRST=0: the kv8g variants first, one serve run after
    left=$((${LE_LIMIT:-575} - SECONDS))
    [ $left -gt 110 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
      --work-dir $B --parts kv8g --quick --kv-policies 4 --kv-prefill 256 --kv-variants ${LE_KV_VARIANTS:-export,lean,lean-nocache} \
