@@ -50,13 +50,13 @@
 #   bash scripts/gpu_session.sh s15  # random 7B checkpoints meanwhile the engine tests (stream handed to TurboMind at
 #                                    # once, GEMM tuning file written then read) and the GPU reliability suite
 #   bash scripts/gpu_session.sh s16  # after s15: target 4 through TurbomindEngine.load (first and later start), serve --quick
-#   bash scripts/gpu_session.sh s17  # random 7B checkpoints meanwhile the engine tests (pool trimmed during the load);
+#   bash scripts/gpu_session.sh s17  # random 7B checkpoints meanwhile the engine tests;
 #                                    # then target 4's load peak: export, lean, lean-all, app, app-again (the tenth
 #                                    # session ran it at c5ef7f0 with app-again-notrim too: the pool trimmed in the load)
 #   bash scripts/gpu_session.sh s18  # random 7B if missing; the serve part, whole (not --quick): targets 1, 2; then in
 #                                    # the time left target 4's export, lean, lean-nocache (torch's cache off), serve again
-#                                    # (LE_SERVE_QUICK=1: the serve runs with --quick; LE_KV_VARIANTS: other kv8g variants)
-#                                    # (LE_SERVE_FIRST=0: no serve run before the kv8g variants)
+#                                    # (LE_SERVE_QUICK=1: the serve runs with --quick; LE_KV_VARIANTS: other kv8g variants;
+#                                    # LE_SERVE_FIRST=0: no serve run before the kv8g variants)
 #   bash scripts/gpu_session.sh s4   # the whole GPU reliability suite (Stop three ways with Gradio's cancel traced,
 #                                    # gradio_client vs page first updates, KV refusal and KV load), then step a's tests
 # b and c use the fp16 and 4-bit copies that t left in /root/le/bench (else those f1 left in /root/le/cache).
@@ -252,7 +252,7 @@ s16) timeout 200 python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq
 s17) random7b 300 &
    engine_tests
    wait; tail -3 "$L/bench_make.log"
-   left=$((${LE_LIMIT:-575} - SECONDS))   # target 4: who holds the load's peak, and the pool trimmed during the load
+   left=$((${LE_LIMIT:-575} - SECONDS))   # target 4: who holds the load's peak
    [ $left -gt 60 ] && timeout $((left - 5)) python3 -m legal_eagle.bench --model-dir "$R7" --awq-dir $B/awq \
      --work-dir $B --parts kv8g --quick --kv-policies 4 --kv-prefill 256 \
      --kv-variants export,lean,lean-all,app,app-again --json "$L/bench_kv8g.json" \
